@@ -1,0 +1,90 @@
+"""Data commands: `python -m steel_seg.data {check,convert,demo} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from steel_seg.data.errors import DataError
+
+
+def _check(args) -> int:
+    from steel_seg.data.check import check_dataset, format_report
+
+    report = check_dataset(args.dataset, progress=not args.quiet)
+    print(format_report(report))
+    return 1 if report.problems else 0
+
+
+def _convert(args) -> int:
+    from steel_seg.data.prepare import convert_kaggle
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise DataError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    skipped: list[tuple[str, str]] = []
+    seg = convert_kaggle(
+        Path(args.kaggle_dir),
+        out,
+        ratios=tuple(args.ratios),
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        on_skip=lambda p, r: skipped.append((p, r)),
+        progress=not args.quiet,
+    )
+    sizes = "  ".join(f"{k}={len(v)}" for k, v in seg.splits.items())
+    print(f"wrote SEG layout to {out}: {sizes}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    return 0
+
+
+def _demo(args) -> int:
+    from steel_seg.data.synthetic import generate_dataset
+
+    out = generate_dataset(Path(args.out), num_images=args.num_images, seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {args.num_images} synthetic images to {out} (train.csv + train_images/)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m steel_seg.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="summarise a Kaggle or SEG data set and list problems")
+    check.add_argument("dataset", help="Kaggle folder (train.csv + train_images/) or SEG folder")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=_check)
+
+    convert = sub.add_parser("convert", help="Kaggle folder -> PaddleX SEG layout with a 7:2:1 split")
+    convert.add_argument("kaggle_dir")
+    convert.add_argument("out")
+    convert.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.2, 0.1], metavar=("TRAIN", "VAL", "TEST"))
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--skip-bad", action="store_true", help="skip unreadable images / bad masks and report them")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--quiet", action="store_true")
+    convert.set_defaults(func=_convert)
+
+    demo = sub.add_parser("demo", help="write the synthetic Kaggle-format demo data set")
+    demo.add_argument("out")
+    demo.add_argument("--num-images", type=int, default=240)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Preprocessing cache: every image and label resized once, stored as memory-mapped arrays.
+
+Decoding a 1600x256 JPEG and resizing it costs far more than a training step's data needs;
+the cache pays that once. It is keyed by a fingerprint of the source files (path, size,
+mtime) and the target size, so a changed source or size builds a new cache instead of
+serving stale pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from steel_seg.data.errors import BadSampleError
+from steel_seg.data.images import read_sample, resize_pair
+from steel_seg.data.paddlex_layout import Sample
+
+CACHE_VERSION = 1  # bump when the stored format or the resizing changes
+
+
+def fingerprint_samples(samples: Iterable[Sample]) -> str:
+    """A hash of the files' paths, sizes and modification times (not their bytes: fast)."""
+    digest = hashlib.sha1()
+    for sample in sorted(samples, key=lambda s: str(s.image)):
+        for path in (sample.image, sample.label):
+            try:
+                stat = path.stat()
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            except FileNotFoundError:
+                digest.update(f"{path}|missing\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(samples: list[Sample], size: tuple[int, int]) -> str:
+    text = f"v{CACHE_VERSION}|{size[0]}x{size[1]}|{fingerprint_samples(samples)}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ResizedCache:
+    """Resized images (N, H, W, 3) and labels (N, H, W), uint8, memory-mapped read-only."""
+
+    directory: Path
+    images: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index_of(self, sample: Sample) -> int | None:
+        """Row of `sample` in the cache, or None if it was skipped as bad."""
+        return self._index.get(str(sample.image))
+
+    def pair(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies (the arrays are read-only maps, and transforms may write)."""
+        return np.array(self.images[row]), np.array(self.labels[row])
+
+
+def open_cache(directory: Path) -> ResizedCache:
+    meta = json.loads((directory / "index.json").read_text())
+    return ResizedCache(
+        directory,
+        np.load(directory / "images.npy", mmap_mode="r"),
+        np.load(directory / "labels.npy", mmap_mode="r"),
+        meta["names"],
+        [tuple(s) for s in meta["skipped"]],
+    )
+
+
+def build_cache(
+    samples: list[Sample],
+    size: tuple[int, int],
+    cache_root: Path,
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> ResizedCache:
+    """Open the cache for `samples` at `size`, building it first if absent or stale.
+
+    A bad image or label raises BadSampleError unless `skip_bad`; skipped files are listed in
+    the cache's `skipped` and passed to `on_skip`. The cache is written in a temporary
+    directory and renamed into place, so an interrupted build leaves nothing half-written.
+    """
+    cache_root = Path(cache_root)
+    directory = cache_root / cache_key(samples, size)
+    if (directory / "index.json").is_file():
+        return open_cache(directory)
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_root))
+    try:
+        width, height = size
+        images = np.lib.format.open_memmap(
+            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(samples), height, width, 3)
+        )
+        labels = np.lib.format.open_memmap(
+            tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(len(samples), height, width)
+        )
+        names: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        bar = tqdm(samples, desc=f"caching {width}x{height}", unit="img", disable=not progress, leave=False)
+        for sample in bar:
+            try:
+                image, label = resize_pair(*read_sample(sample), size)
+            except BadSampleError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append((str(exc.path), exc.reason))
+                if on_skip:
+                    on_skip(str(exc.path), exc.reason)
+                continue
+            images[len(names)] = image
+            labels[len(names)] = label
+            names.append(str(sample.image))
+        images.flush()
+        labels.flush()
+        del images, labels
+        if skipped:  # shrink the arrays to the rows actually written
+            _truncate(tmp / "images.npy", len(names))
+            _truncate(tmp / "labels.npy", len(names))
+        (tmp / "index.json").write_text(
+            json.dumps({"version": CACHE_VERSION, "size": list(size), "names": names, "skipped": skipped})
+        )
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process built it meanwhile: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_cache(directory)
+
+
+def _truncate(path: Path, rows: int) -> None:
+    array = np.load(path, mmap_mode="r")
+    kept = np.array(array[:rows])
+    del array
+    np.save(path, kept)

@@ -1,0 +1,45 @@
+"""Reading images and labels from disk, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from steel_seg.data.errors import BadSampleError
+from steel_seg.data.paddlex_layout import Sample, read_label_png
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a missing, empty or undecodable file is a BadSampleError."""
+    if not path.is_file():
+        raise BadSampleError(path, "image file not found")
+    # imdecode instead of imread: imread cannot tell a missing file from a corrupt one.
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise BadSampleError(path, "unreadable image (empty or not a decodable JPEG/PNG/BMP)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Image and label at full size; their sizes must agree."""
+    image = read_image(sample.image)
+    label = read_label_png(sample.label)
+    if image.shape[:2] != label.shape:
+        raise BadSampleError(
+            sample.label,
+            f"label is {label.shape[1]}x{label.shape[0]} but image {sample.image.name} is "
+            f"{image.shape[1]}x{image.shape[0]}",
+        )
+    return image, label
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to size=(width, height): bilinear for the image, nearest for the label."""
+    if image.shape[1::-1] == tuple(size):
+        return image, label
+    image = cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
+    return image, label
