@@ -24,7 +24,7 @@ from steel_seg.data.errors import BadSampleError
 from steel_seg.data.images import read_sample, resize_pair
 from steel_seg.data.paddlex_layout import Sample
 
-CACHE_VERSION = 1  # bump when the stored format or the resizing changes
+CACHE_VERSION = 2  # bump when the stored format or the resizing changes
 
 
 def fingerprint_samples(samples: Iterable[Sample]) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from steel_seg.data.errors import BadSampleError
 from steel_seg.data.paddlex_layout import Sample, read_label_png
+from steel_seg.transforms import Resize
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -37,9 +38,11 @@ def read_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to size=(width, height): bilinear for the image, nearest for the label."""
+    """Resize to size=(width, height) exactly as the training pipeline's Resize does.
+
+    Sharing the transform keeps cached pixels identical to what an uncached run would see
+    (bilinear image, centre-sampled nearest label).
+    """
     if image.shape[1::-1] == tuple(size):
         return image, label
-    image = cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
-    return image, label
+    return Resize(tuple(size))(image, label, None)

@@ -138,7 +138,7 @@ def _read_skipped(root: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t", 1)) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _converted(kaggle_root: Path, work_dir: Path, ratios, seed: int, skip_bad: bool, skipped: list) -> SegDataset:
+def _converted(kaggle_root: Path, work_dir: Path, ratios, seed: int, skip_bad: bool, skipped: list, progress: bool = True) -> SegDataset:
     """The cached conversion of a Kaggle folder, converting first if needed.
 
     Images skipped as bad are remembered in the converted folder, so every later run that
@@ -155,7 +155,9 @@ def _converted(kaggle_root: Path, work_dir: Path, ratios, seed: int, skip_bad: b
     try:
         log.info("converting %s to the SEG layout in %s", kaggle_root, target)
         new_skips: list[tuple[str, str]] = []
-        convert_kaggle(kaggle_root, tmp, ratios, seed, skip_bad=skip_bad, on_skip=lambda p, r: new_skips.append((p, r)))
+        convert_kaggle(
+            kaggle_root, tmp, ratios, seed, skip_bad=skip_bad, on_skip=lambda p, r: new_skips.append((p, r)), progress=progress
+        )
         (tmp / SKIPPED_FILE).write_text("".join(f"{p}\t{r}\n" for p, r in new_skips), encoding="utf-8")
         skipped += new_skips
         # Lists hold relative paths, so the renamed folder stays valid.
@@ -173,22 +175,22 @@ def resolve_source(data) -> tuple[Path, bool]:
     root = Path(data.root)
     if not root.exists():
         if not data.fallback_to_demo:
-            raise DataError(f"data.root {root} does not exist (set data.root or STEEL_SEG_DATA)")
+            raise DataError(f"data.root {root} does not exist (set data.root, e.g. --set data.root=/path/to/severstal)")
         log.warning(
             "data.root %s does not exist: falling back to the synthetic demo data. "
-            "Point data.root (or STEEL_SEG_DATA) at a Kaggle Severstal folder to train on real data.",
+            "Point data.root at a Kaggle Severstal folder to train on real data.",
             root,
         )
         return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed), True
     return root, False
 
 
-def open_source(root: Path, data, skipped: list) -> SegDataset:
+def open_source(root: Path, data, skipped: list, progress: bool = True) -> SegDataset:
     fmt = data.format
     if fmt == "auto":
         fmt = "kaggle" if kaggle.is_kaggle_folder(root) else "paddlex" if is_seg_layout(root) else None
     if fmt == "kaggle":
-        return _converted(root, data.work_dir, data.split.ratios, data.split.seed, data.on_bad_sample == "skip", skipped)
+        return _converted(root, data.work_dir, data.split.ratios, data.split.seed, data.on_bad_sample == "skip", skipped, progress)
     if fmt == "paddlex":
         return open_seg_dataset(root)
     raise DataError(
@@ -201,7 +203,7 @@ def prepare_data(data, progress: bool = True) -> PreparedData:
     """Make `data` (a DataConfig) ready: source, conversion, split, cache; report skips."""
     source, is_demo = resolve_source(data)
     skipped: list[tuple[str, str]] = []
-    seg = open_source(source, data, skipped)
+    seg = open_source(source, data, skipped, progress)
     samples = seg.all_samples()
     if not samples:
         raise DataError(f"{seg.root}: the split lists are empty")
