@@ -1,0 +1,452 @@
+"""MLflow tracking: the only module that imports mlflow; the experiment reports runs through it.
+
+Everything goes through `MlflowClient`, never the fluent `mlflow.start_run` stack: the client has
+no process-wide "active run", so nested runs and several trackers in one process cannot leak or
+end each other's runs, and `mlflow.active_run()` stays None.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from numbers import Number
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
+
+MAX_FAILURE_REASON = 5000
+UI_HOST = "http://127.0.0.1:5000"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the runs go
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """configured (tracking.uri in the YAML) > $MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db.
+
+    The default is an absolute path so that the summary printed at the end of a run names the
+    exact database, wherever the user later opens the UI from.
+    """
+    if configured:
+        return configured
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env:
+        return from_env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///…` URI (absolute), or None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    # SQLAlchemy form: sqlite:///relative.db, sqlite:////absolute.db; drop any ?query.
+    raw = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    if raw in ("", ":memory:"):
+        return None
+    return Path(raw).expanduser().resolve()
+
+
+def artifact_root_for(uri: str) -> Path | None:
+    """Where artifacts go for a local sqlite store: `mlartifacts/` beside the database file."""
+    db = sqlite_path(uri)
+    return None if db is None else db.parent / "mlartifacts"
+
+
+def flatten_params(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.epochs": "10", "data.size": "[400, 64]"}, as MLflow wants params.
+
+    Dicts become dotted keys so each setting is its own column in the runs table; lists are
+    rendered as JSON so a run's value can be pasted back into a YAML file.
+    """
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple, dict)):
+            flat[name] = json.dumps(_plain(value), default=str)
+        else:
+            flat[name] = str(_plain(value))
+    return flat
+
+
+def _plain(value):
+    """numpy scalars/arrays and tuples -> plain Python, so they print like YAML values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+class RunTracker:
+    """One MLflow run: create or resume it, log to it, and always end it (context manager).
+
+    With enabled=False every method does nothing, so the experiment code needs no `if`s.
+    """
+
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        enabled: bool = True,
+    ):
+        self.uri = resolve_tracking_uri(uri) if enabled else uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.enabled = enabled
+        self._client: MlflowClient | None = None
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+        self._active = False
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
+
+    def ui_url(self, host: str = UI_HOST) -> str:
+        if not self._run_id:
+            return ""
+        return f"{host.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, resume_run_id: str | None = None, parent_run_id: str | None = None) -> "RunTracker":
+        """Create the run (or reopen `resume_run_id`); `parent_run_id` nests it under another."""
+        if not self.enabled or self._active:
+            return self
+        db = sqlite_path(self.uri)
+        if db is not None:
+            # SQLite cannot create the folder of its database file; do it so a fresh path works.
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(tracking_uri=self.uri)
+        if resume_run_id:
+            self._resume(resume_run_id)
+        else:
+            self._experiment_id = self._experiment_id_for(self.experiment)
+            tags = {
+                MLFLOW_USER: _user(),
+                MLFLOW_SOURCE_NAME: sys.argv[0] or "python",
+                MLFLOW_SOURCE_TYPE: "LOCAL",
+                **{k: str(v) for k, v in self.tags.items()},
+            }
+            if parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            run = self._client.create_run(self._experiment_id, tags=tags, run_name=self.run_name)
+            self._run_id = run.info.run_id
+        self._active = True
+        return self
+
+    def _resume(self, run_id: str) -> None:
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as exc:
+            raise ValueError(
+                f"cannot resume MLflow run {run_id!r}: it is not in {self.uri} ({exc.message}). "
+                "Check the run id (shown in the UI and in the previous run's summary) and "
+                "tracking.uri / $MLFLOW_TRACKING_URI."
+            ) from None
+        if run.info.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"cannot resume MLflow run {run_id!r}: it was deleted. Restore it in the MLflow UI "
+                "(or MlflowClient().restore_run) or start a new run."
+            )
+        self._run_id = run_id
+        self._experiment_id = run.info.experiment_id
+        self._client.update_run(run_id, status="RUNNING")
+        if self.tags:
+            self.set_tags(self.tags)
+
+    def _experiment_id_for(self, name: str) -> str:
+        found = self._client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise ValueError(
+                    f"MLflow experiment {name!r} (id {found.experiment_id}) was deleted but still "
+                    f"exists in {self.uri}. Restore it with `mlflow experiments restore "
+                    f"--experiment-id {found.experiment_id}`, or set tracking.experiment to a new name."
+                )
+            return found.experiment_id
+        root = artifact_root_for(self.uri)
+        # MLflow's default for sqlite stores is ./mlruns under whatever the current directory is;
+        # keep artifacts beside the database so the two move (and get backed up) together.
+        location = (root / _folder_name(name)).as_uri() if root is not None else None
+        try:
+            return self._client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            found = self._client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def finish(self) -> None:
+        """End the run as FINISHED."""
+        self._end("FINISHED")
+
+    def fail(self, reason: str, status: str = "FAILED") -> None:
+        """Record why the run stopped (tag `failure_reason`) and end it as FAILED or KILLED."""
+        if status not in ("FAILED", "KILLED", "FINISHED"):
+            raise ValueError(f"status must be FAILED, KILLED or FINISHED, got {status!r}")
+        if not self._active:
+            return
+        if len(reason) > MAX_FAILURE_REASON:
+            reason = reason[: MAX_FAILURE_REASON - 20] + " ... (truncated)"
+        try:
+            self._client.set_tag(self._run_id, "failure_reason", reason)
+        finally:
+            # Even if the tag cannot be written, do not leave the run RUNNING.
+            self._end(status)
+
+    def _end(self, status: str) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._client.set_terminated(self._run_id, status=status)
+
+    def __enter__(self) -> "RunTracker":
+        if not self._active:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish()
+        else:
+            reason = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+            self.fail(reason, status=status)
+        return False
+
+    # -- logging ----------------------------------------------------------------------------
+
+    @property
+    def _live(self) -> bool:
+        if not self.enabled:
+            return False
+        if self._run_id is None:
+            raise RuntimeError("RunTracker: call start() (or use `with tracker:`) before logging")
+        return True
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """Log (nested) params in batches; on resume, unchanged values are skipped.
+
+        MLflow refuses to change a logged param, so a changed value is reported with its key
+        before anything is written.
+        """
+        if not self._live:
+            return
+        flat = flatten_params(params)
+        logged = self._client.get_run(self._run_id).data.params
+        changed = [k for k, v in flat.items() if k in logged and logged[k] != v]
+        if changed:
+            lines = "; ".join(f"{k}: logged {logged[k]!r}, now {flat[k]!r}" for k in changed)
+            raise ValueError(
+                f"MLflow run {self._run_id} already has different values for {len(changed)} "
+                f"param(s) ({lines}). MLflow cannot change a logged param: resume with the "
+                "original config, or start a new run instead of resuming."
+            )
+        new = [Param(k, v) for k, v in flat.items() if k not in logged]
+        self._client.log_batch(self._run_id, params=new)
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        if not self._live:
+            return
+        self._client.log_batch(self._run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log scalar metrics at `step`; NaN values are skipped.
+
+        NaN is a real outcome here (e.g. the IoU of a class absent from the validation set, see
+        steel_seg.metrics), but MLflow's charts and comparisons handle stored NaN badly, so a
+        missing point is the honest record. Infinities are logged as they are.
+        """
+        if not self._live:
+            return
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            number = _as_float(key, value)
+            if math.isnan(number):
+                continue
+            batch.append(Metric(key, number, now, int(step) if step is not None else 0))
+        self._client.log_batch(self._run_id, metrics=batch)
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        """Copy a file, or a directory (kept under its own name), into the run's artifacts."""
+        if not self._live:
+            return
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or directory")
+        self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """Save `data` as JSON or YAML (chosen by the file extension) in the run's artifacts."""
+        if not self._live:
+            return
+        self._client.log_dict(self._run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self._live:
+            return
+        self._client.log_text(self._run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """Save a matplotlib figure as an artifact, then close it to free its memory."""
+        if self._live:
+            self._client.log_figure(self._run_id, figure, artifact_file)
+        _close_figure(figure)
+
+    def log_dataset(self, records: list[dict], *, source: str, name: str, digest: str, context: str) -> None:
+        """Record which samples the run used (one dict per sample) as a dataset input.
+
+        The UI then shows name, digest and context ("train", "val") beside the run, so two runs
+        can be checked to have used the same split.
+        """
+        if not self._live:
+            return
+        import pandas as pd  # only needed here; keeps `import steel_seg.tracking` light
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and then warns that a plain path
+            # "can be interpreted in multiple ways" (both the same class): noise, not a problem.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(pd.DataFrame(records), source=source, name=name, digest=digest)
+        # Same entity mlflow.log_input builds, without needing a fluent active run.
+        d = dataset.to_dict()
+        entity = DatasetEntity(
+            name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+            schema=d.get("schema"), profile=d.get("profile"),
+        )
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+        self._client.log_inputs(self._run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+
+
+def _as_float(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Number) and not hasattr(value, "item"):
+        raise TypeError(
+            f"metric {key!r} must be a single number, got {type(value).__name__} {value!r}; "
+            f"log per-class values as separate metrics (e.g. '{key}/scratches')"
+        )
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r} must be a single number, got {value!r}") from None
+
+
+def _folder_name(experiment: str) -> str:
+    """A safe folder name for an experiment: names may hold '/', '..' or spaces."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("._")
+    return safe or "experiment"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def _close_figure(figure) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back
+
+
+def download_artifact(uri: str | None, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+    """Local path of a run's artifact (e.g. the checkpoint of a run to evaluate).
+
+    The artifact is copied into `dst` (created if needed), or into a new temporary directory.
+    A missing artifact raises FileNotFoundError listing what the run does have.
+    """
+    uri = resolve_tracking_uri(uri)
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path,
+            dst_path=str(dst) if dst is not None else None, tracking_uri=uri,
+        )
+    except (MlflowException, OSError) as exc:
+        raise FileNotFoundError(_missing_artifact_message(uri, run_id, artifact_path, exc)) from None
+    return Path(local)
+
+
+def _missing_artifact_message(uri: str, run_id: str, artifact_path: str, exc: Exception) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return f"MLflow run {run_id!r} is not in {uri}; check the run id and tracking URI"
+    try:
+        names = [a.path + ("/" if a.is_dir else "") for a in client.list_artifacts(run_id)]
+    except Exception:
+        names = []
+    listing = ", ".join(names) if names else "(none)"
+    return (
+        f"MLflow run {run_id} has no artifact {artifact_path!r} ({exc}). "
+        f"Its top-level artifacts are: {listing}"
+    )
+
+
+def describe_store(uri: str | None, experiment_id: str | None = None) -> str:
+    """Where the runs are and how to look at them, for the end-of-run summary."""
+    uri = resolve_tracking_uri(uri)
+    eid = experiment_id if experiment_id is not None else "<id>"
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        return (
+            f"MLflow runs are on the tracking server {uri}\n"
+            f"  open {uri.rstrip('/')}/#/experiments/{eid}/runs"
+        )
+    db = sqlite_path(uri)
+    where = (
+        f"MLflow runs are in {db} (artifacts in {artifact_root_for(uri)})"
+        if db is not None else f"MLflow runs are in {uri}"
+    )
+    return (
+        f"{where}\n"
+        f"  view them: mlflow ui --backend-store-uri {uri}\n"
+        f"  then open {UI_HOST}/#/experiments/{eid}/runs\n"
+        "  (MLflow 3 opens an experiment on its GenAI 'Overview' page; training runs are under "
+        "'Model training', or go straight to the URL above)"
+    )
