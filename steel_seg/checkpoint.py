@@ -31,11 +31,37 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.remove(tmp)
 
 
+def _rename_keys(state: dict, names: dict[str, str]) -> dict:
+    """Rename optimizer-state keys that start with a parameter name (`<param>_velocity_0`).
+
+    Paddle keys optimizer state by a parameter's global name (`conv2d_94.w_0`), which depends
+    on how many layers the process created before; the structured name (`head.conv.weight`)
+    does not. Longest names first, so `conv2d_9.w_0` never claims `conv2d_94.w_0_...`.
+    """
+    ordered = sorted(names, key=len, reverse=True)
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = _rename_keys(value, names)
+            continue
+        match = next((n for n in ordered if key == n or key.startswith(n + "_")), None)
+        out[names[match] + key[len(match):] if match else key] = value
+    return out
+
+
+def portable_optimizer_state(model, optimizer) -> dict:
+    return _rename_keys(optimizer.state_dict(), {p.name: f"@{n}" for n, p in model.named_parameters()})
+
+
+def restore_optimizer_state(model, optimizer, state: dict) -> None:
+    optimizer.set_state_dict(_rename_keys(state, {f"@{n}": p.name for n, p in model.named_parameters()}))
+
+
 def save_training_state(path: Path, model, optimizer, scheduler, progress: dict) -> None:
     atomic_save(
         {
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": portable_optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "progress": progress,
         },

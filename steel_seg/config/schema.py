@@ -175,6 +175,9 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    demo_profile: dict[str, Any] = {}
+    """Overrides applied only when the run falls back to the demo data (e.g. fewer epochs),
+    so a quick demo never changes the settings used on real data."""
 
     @model_validator(mode="before")
     @classmethod

@@ -199,9 +199,12 @@ def open_source(root: Path, data, skipped: list, progress: bool = True) -> SegDa
     )
 
 
-def prepare_data(data, progress: bool = True) -> PreparedData:
-    """Make `data` (a DataConfig) ready: source, conversion, split, cache; report skips."""
-    source, is_demo = resolve_source(data)
+def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None = None) -> PreparedData:
+    """Make `data` (a DataConfig) ready: source, conversion, split, cache; report skips.
+
+    `source` is `resolve_source(data)`'s answer when the caller already asked.
+    """
+    source, is_demo = source or resolve_source(data)
     skipped: list[tuple[str, str]] = []
     seg = open_source(source, data, skipped, progress)
     samples = seg.all_samples()

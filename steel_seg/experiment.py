@@ -1,0 +1,342 @@
+"""One experiment end to end: check the config, prepare data, train, evaluate, record.
+
+This is the glue between the typed config and the parts that know nothing of it: the data
+layer, the model registry, the losses, the trainer and the tracker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from steel_seg.config import ExperimentConfig, dump_config, validate_experiment
+from steel_seg.config.loader import RawConfig, apply_overrides, deep_merge
+from steel_seg.data.loader import BatchLoader
+from steel_seg.data.prepare import PreparedData, prepare_data, resolve_source
+from steel_seg.metrics import format_scores
+from steel_seg.transforms import eval_pipeline, train_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class ExperimentError(ValueError):
+    """A config that validated but cannot run (unknown model, loss or view)."""
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    run_id: str | None
+    output_dir: Path
+    scores: dict
+    tta_scores: dict | None
+    best_epoch: int
+    summary: str
+
+
+def check_runnable(config: ExperimentConfig) -> None:
+    """Everything that can be checked without data: model, loss, augmentation, TTA views."""
+    from steel_seg.losses import build_loss
+    from steel_seg.models import check_model_spec
+    from steel_seg.tta import resolve_views
+
+    problems = []
+    for what, check in (
+        ("model", lambda: check_model_spec(config.model.type, config.model.backbone, config.model.kwargs())),
+        ("loss.use_mixed_loss", lambda: build_loss(config.loss.terms())),
+        ("augment", lambda: train_pipeline(config.augment, config.data.size)),
+        ("eval.tta", lambda: resolve_views(config.eval.tta)),
+    ):
+        try:
+            check()
+        except (ValueError, TypeError) as exc:
+            problems.append(f"  - {what}: {exc}")
+    if problems:
+        raise ExperimentError(f"config {config.name} cannot run:\n" + "\n".join(problems))
+
+
+def with_demo_profile(config: ExperimentConfig, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The config with `demo_profile` merged in (used only on demo data).
+
+    Command-line overrides are applied again on top: `--set train.epochs=1` beats the profile.
+    """
+    if not config.demo_profile:
+        return config
+    raw = RawConfig(deep_merge(config.model_dump(mode="json"), config.demo_profile), {})
+    return validate_experiment(apply_overrides(raw, list(overrides)), source=f"{config.name} demo_profile")
+
+
+def select_device(preference: str) -> str:
+    import paddle
+
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if preference == "gpu" and not has_gpu:
+        raise ExperimentError("train.device is gpu but Paddle has no CUDA device here; use auto or cpu")
+    device = "gpu" if preference in ("gpu", "auto") and has_gpu else "cpu"
+    paddle.set_device(device)
+    return device
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return hashlib.sha1(dump_config(config).encode()).hexdigest()[:12]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def loss_label(config: ExperimentConfig) -> str:
+    return "+".join(f"{name}*{weight:g}" for name, weight in config.loss.terms())
+
+
+def run_dir(config: ExperimentConfig, resume: bool | str | None) -> Path:
+    """A new timestamped folder (results are never overwritten), or the one to resume."""
+    base = Path(config.train.output_dir) / str(config.name)
+    if isinstance(resume, str):
+        path = Path(resume)
+        return path.parent if path.is_file() else path
+    if resume:
+        candidates = sorted(p.parent for p in base.glob("*/last.pdckpt"))
+        if not candidates:
+            raise ExperimentError(f"--resume: no checkpoint under {base}/*/last.pdckpt")
+        return candidates[-1]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base / stamp, 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    return path
+
+
+class RecordingEvents:
+    """Forwards training events to the tracker as metrics with the epoch as step."""
+
+    def __init__(self, tracker, class_names: list[str]):
+        self.tracker, self.class_names = tracker, class_names
+
+    def on_train_start(self, info: dict) -> None:
+        self.tracker.log_params({"steps_per_epoch": info["steps_per_epoch"]})
+
+    def on_evaluation(self, epoch: int, result) -> None:
+        pass  # logged with the epoch record
+
+    def on_epoch_end(self, record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+        for name, iou in zip(self.class_names, record.get("val_iou", [])):
+            metrics[f"val_iou_{name}"] = iou
+        self.tracker.log_metrics(metrics, step=record["epoch"])
+
+
+def _dataset_records(data: PreparedData, samples) -> list[dict]:
+    root = data.seg.root
+    return [{"image": str(s.image.relative_to(root)), "label": str(s.label.relative_to(root))} for s in samples]
+
+
+def _digest(samples) -> str:
+    return hashlib.sha1("\n".join(sorted(str(s.image) for s in samples)).encode()).hexdigest()[:12]
+
+
+def _final_metrics(prefix: str, scores: dict, class_names: list[str], ms_per_image: float) -> dict:
+    metrics = {
+        f"{prefix}miou": scores["miou"],
+        f"{prefix}pixel_accuracy": scores["pixel_accuracy"],
+        f"{prefix}kappa": scores["kappa"],
+        f"{prefix}kaggle_dice": scores["kaggle_dice"],
+        f"{prefix}ms_per_image": ms_per_image,
+    }
+    for i, name in enumerate(class_names):
+        for key in ("iou", "precision", "recall", "f1"):
+            metrics[f"{prefix}{key}_{name}"] = scores[key][i]
+        if i:
+            metrics[f"{prefix}detection_recall_{name}"] = scores["detection_recall"][i - 1]
+            metrics[f"{prefix}detection_precision_{name}"] = scores["detection_precision"][i - 1]
+    return metrics
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool | str | None = None,
+    progress: bool = True,
+    parent_run_id: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ExperimentResult:
+    """Train and evaluate one experiment, recorded as one MLflow run.
+
+    `overrides` are the command line's `--set` values, which also win over `demo_profile`.
+    """
+    import paddle
+
+    from steel_seg import plots
+    from steel_seg.checkpoint import load_weights
+    from steel_seg.evaluation import evaluate
+    from steel_seg.losses import build_loss
+    from steel_seg.models import build_model, load_pretrained
+    from steel_seg.tracking import RunTracker, describe_store
+    from steel_seg.trainer import Trainer, TrainSettings
+    from steel_seg.tta import resolve_views
+
+    check_runnable(config)
+    source, is_demo = resolve_source(config.data)
+    if is_demo and config.demo_profile:
+        config = with_demo_profile(config, overrides)
+        log.warning("demo data: applying demo_profile %s", json.dumps(config.demo_profile))
+        check_runnable(config)
+    device = select_device(config.train.device)
+    if config.train.amp and device != "gpu":
+        log.warning("train.amp is on but the device is %s: training in float32", device)
+
+    out_dir = run_dir(config, resume)
+    resume_run_id = None
+    if resume:
+        from steel_seg.checkpoint import load_training_state
+
+        resume_run_id = load_training_state(out_dir / "last.pdckpt")["progress"].get("extra", {}).get("run_id")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tracking = config.tracking
+    tracker = RunTracker(tracking.uri, tracking.experiment, tracking.run_name or config.name, tracking.tags, enabled=tracking.enabled)
+    tracker.start(resume_run_id=resume_run_id, parent_run_id=parent_run_id)
+    with tracker:
+        resolved_yaml = dump_config(config)
+        (out_dir / "config.yaml").write_text(resolved_yaml)
+        tracker.log_params(config.model_dump(mode="json"))
+        tracker.log_text(resolved_yaml, "config.yaml")
+        tracker.set_tags(
+            {
+                "model": config.model.type,
+                "backbone": (config.model.backbone or {}).get("type", "none"),
+                "loss": loss_label(config),
+                "augment": config.augment if isinstance(config.augment, str) else "custom",
+                "include_defect_free": str(config.data.include_defect_free).lower(),
+                "config_hash": config_hash(config),
+                "git_commit": git_commit() or "unknown",
+                "demo_data": str(is_demo).lower(),
+                "device": device,
+                "output_dir": str(out_dir.resolve()),
+            }
+        )
+
+        data = prepare_data(config.data, progress=progress, source=(source, is_demo))
+        size = tuple(config.data.size)
+        fingerprint = data.cache.directory.name
+        tracker.set_tags({"data_fingerprint": fingerprint, "data_source": str(Path(data.source).resolve())})
+        tracker.log_params({"data.num_train": len(data.train), "data.num_val": len(data.val), "data.num_test": len(data.test)})
+        for context, samples in (("training", data.train), ("validation", data.val)):
+            tracker.log_dataset(
+                _dataset_records(data, samples),
+                source=str(data.seg.root),
+                name=f"{Path(data.source).name}-{context}",
+                digest=_digest(samples),
+                context=context,
+            )
+        if data.skipped:
+            tracker.log_text("".join(f"{p}\t{r}\n" for p, r in data.skipped), "skipped_samples.tsv")
+
+        paddle.seed(config.train.seed)
+        model = build_model(config.model.type, data.num_classes, config.model.backbone, **config.model.kwargs())
+        if config.model.pretrained and not resume:
+            report = load_pretrained(model, config.model.pretrained)
+            tracker.log_dict(report.__dict__, "pretrained_load_report.json")
+        loss_terms = [(n, w, {"weight": config.loss.class_weights}) if n == "CrossEntropyLoss" and config.loss.class_weights else (n, w) for n, w in config.loss.terms()]
+        loss_fn = build_loss(loss_terms)
+
+        train_cfg = config.train
+        train_loader = BatchLoader(
+            data.cache, data.train, train_pipeline(config.augment, size), train_cfg.batch_size,
+            shuffle=True, drop_last=len(data.train) >= train_cfg.batch_size, seed=train_cfg.seed,
+            num_workers=train_cfg.num_workers, max_batches=train_cfg.max_steps_per_epoch,
+        )
+        eval_batch = config.eval.batch_size or train_cfg.batch_size
+        val_loader = BatchLoader(data.cache, data.val, eval_pipeline(size), eval_batch, num_workers=train_cfg.num_workers)
+        trainer = Trainer(
+            model, loss_fn, train_loader, val_loader,
+            TrainSettings(
+                epochs=train_cfg.epochs, learning_rate=train_cfg.learning_rate, momentum=train_cfg.momentum,
+                weight_decay=train_cfg.weight_decay, lr_power=train_cfg.lr_power, end_lr=train_cfg.end_lr,
+                eval_interval=train_cfg.eval_interval, seed=train_cfg.seed, amp=train_cfg.amp,
+            ),
+            out_dir,
+            num_classes=data.num_classes,
+            class_names=data.class_names,
+            aux_weights=config.loss.aux_weights,
+            events=RecordingEvents(tracker, data.class_names),
+            progress_bars=progress,
+        )
+        trainer.progress.extra["run_id"] = tracker.run_id
+        progress_state = trainer.fit(resume=bool(resume))
+
+        # Final evaluation with the best weights, without and (if configured) with TTA.
+        if trainer.best_path.is_file():
+            load_weights(model, trainer.best_path)
+        split = config.eval.split
+        loader = BatchLoader(data.cache, data.split(split), eval_pipeline(size), eval_batch)
+        final = evaluate(model, loader, data.num_classes, data.class_names, keep_examples=config.eval.num_overlays, progress=progress, desc=f"final {split}")
+        metrics = _final_metrics(f"final_{split}_", final.scores, data.class_names, final.ms_per_image)
+        tta_result = None
+        if config.eval.tta:
+            views = resolve_views(config.eval.tta)
+            tta_result = evaluate(model, loader, data.num_classes, data.class_names, views, config.eval.tta_merge, progress=progress, desc=f"final {split} TTA")
+            metrics.update(_final_metrics(f"final_{split}_tta_", tta_result.scores, data.class_names, tta_result.ms_per_image))
+            metrics["tta_time_ratio"] = tta_result.seconds / max(final.seconds, 1e-9)
+        metrics["best_epoch"] = progress_state.best_epoch
+        tracker.log_metrics(metrics)
+
+        results = {"split": split, "best_epoch": progress_state.best_epoch, "scores": final.scores,
+                   "ms_per_image": final.ms_per_image,
+                   "tta": None if tta_result is None else {"views": config.eval.tta, "merge": config.eval.tta_merge,
+                                                           "scores": tta_result.scores, "ms_per_image": tta_result.ms_per_image},
+                   "history": progress_state.history}
+        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_figure(plots.training_curves(progress_state.history, class_names=data.class_names), "plots/training_curves.png")
+        tracker.log_figure(plots.confusion_matrix_figure(final.scores["confusion_matrix"], data.class_names), "plots/confusion_matrix.png")
+        if final.examples:
+            rows = [row for row, _ in final.examples]
+            images = [np.array(data.cache.images[r]) for r in rows]
+            labels = [np.array(data.cache.labels[r]) for r in rows]
+            tracker.log_figure(
+                plots.overlays_figure(images, labels, [p for _, p in final.examples], data.class_names,
+                                      titles=[Path(data.cache.names[r]).name for r in rows]),
+                "plots/overlays.png",
+            )
+        if trainer.best_path.is_file() and config.tracking.log_model:
+            tracker.log_artifact(trainer.best_path, "checkpoints")
+        summary = _summary(config, final, tta_result, progress_state.best_epoch, out_dir, tracker, describe_store, split, data)
+    return ExperimentResult(str(config.name), tracker.run_id, out_dir, final.scores,
+                            None if tta_result is None else tta_result.scores, progress_state.best_epoch, summary)
+
+
+def _summary(config, final, tta_result, best_epoch, out_dir, tracker, describe_store, split, data) -> str:
+    lines = [
+        "",
+        f"== {config.name}: {config.model.type}, loss {loss_label(config)}, augment {config.augment if isinstance(config.augment, str) else 'custom'}"
+        + (" (demo data)" if data.is_demo else ""),
+        f"best epoch {best_epoch}; {split} split, {final.images} images, {final.ms_per_image:.1f} ms/image",
+        format_scores(final.scores, data.class_names),
+    ]
+    if tta_result is not None:
+        lines.append(
+            f"with TTA {config.eval.tta} ({config.eval.tta_merge}): mIoU {tta_result.scores['miou']:.4f} "
+            f"vs {final.scores['miou']:.4f}, {tta_result.ms_per_image:.1f} ms/image "
+            f"({tta_result.seconds / max(final.seconds, 1e-9):.1f}x the time)"
+        )
+    lines.append(f"outputs: {out_dir}")
+    if tracker.run_id:
+        lines.append(f"MLflow run {tracker.run_id}: {tracker.ui_url()}")
+        lines.append(describe_store(tracker.uri, tracker.experiment_id))
+    return "\n".join(lines)
