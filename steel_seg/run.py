@@ -21,6 +21,7 @@ import yaml
 def _quiet_third_party() -> None:
     # Paddle warns about ccache on import and PaddleSeg logs every model it builds.
     warnings.filterwarnings("ignore", message=".*ccache.*")
+    warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # measured faster on CPU
 
 
