@@ -113,34 +113,38 @@ class Transform:
 # --- geometric transforms (image and label move together) -----------------------------------
 
 
-class RandomHorizontalFlip(Transform):
+class _RandomFlip(Transform):
+    """Mirror image and label along `axis` with probability `prob`."""
+
+    random = True
+    axis = 1
+
+    def __init__(self, prob: float):
+        self.prob = _check_prob(type(self).__name__, "prob", prob)
+
+    def __call__(self, image, label, rng):
+        if _require_rng(rng, type(self).__name__).random() < self.prob:
+            image = np.ascontiguousarray(np.flip(image, self.axis))
+            label = None if label is None else np.ascontiguousarray(np.flip(label, self.axis))
+        return image, label
+
+
+class RandomHorizontalFlip(_RandomFlip):
     """Mirror left-right with probability `prob`."""
 
-    random = True
+    axis = 1
 
     def __init__(self, prob: float = 0.5):
-        self.prob = _check_prob(type(self).__name__, "prob", prob)
-
-    def __call__(self, image, label, rng):
-        if _require_rng(rng, type(self).__name__).random() < self.prob:
-            image = np.ascontiguousarray(image[:, ::-1])
-            label = None if label is None else np.ascontiguousarray(label[:, ::-1])
-        return image, label
+        super().__init__(prob)
 
 
-class RandomVerticalFlip(Transform):
+class RandomVerticalFlip(_RandomFlip):
     """Mirror top-bottom with probability `prob` (PaddleX's default is a rare 0.1)."""
 
-    random = True
+    axis = 0
 
     def __init__(self, prob: float = 0.1):
-        self.prob = _check_prob(type(self).__name__, "prob", prob)
-
-    def __call__(self, image, label, rng):
-        if _require_rng(rng, type(self).__name__).random() < self.prob:
-            image = np.ascontiguousarray(image[::-1])
-            label = None if label is None else np.ascontiguousarray(label[::-1])
-        return image, label
+        super().__init__(prob)
 
 
 class Resize(Transform):

@@ -9,6 +9,8 @@ from typing import Any
 
 import paddle
 
+# What PaddleX's `use_mixed_loss: true` trains with; the config owns PaddleX's vocabulary.
+from steel_seg.config.schema import PADDLEX_MIXED_LOSS
 from steel_seg.losses.cross_entropy import CrossEntropyLoss
 from steel_seg.losses.dice import DiceLoss
 from steel_seg.losses.lovasz import LovaszSoftmaxLoss
@@ -21,11 +23,6 @@ LOSSES: dict[str, type[paddle.nn.Layer]] = {
     "LovaszSoftmaxLoss": LovaszSoftmaxLoss,
 }
 
-# What PaddleX's `use_mixed_loss: true` trains with.
-PADDLEX_MIXED_LOSS: tuple[tuple[str, float], ...] = (
-    ("CrossEntropyLoss", 0.8),
-    ("LovaszSoftmaxLoss", 0.2),
-)
 
 
 def _loss_class(name: object) -> type[paddle.nn.Layer]:
