@@ -59,15 +59,15 @@ def test_cache_is_reused_and_invalidated(tmp_path, kaggle_root, monkeypatch):
     real = cache_module.read_sample
     monkeypatch.setattr(cache_module, "read_sample", lambda s: calls.append(s) or real(s))
 
-    first = build_cache(samples, (32, 16), tmp_path / "work" / "cache", progress=False)
+    first = build_cache(samples, (32, 16), tmp_path / "work" / "cache", progress=False, num_classes=5)
     assert calls == []  # built by prepare_data already: reused
-    other_size = build_cache(samples, (24, 16), tmp_path / "work" / "cache", progress=False)
+    other_size = build_cache(samples, (24, 16), tmp_path / "work" / "cache", progress=False, num_classes=5)
     assert len(calls) == len(samples) and other_size.directory != first.directory
 
     calls.clear()
     target = samples[0].image
     Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(target, format="JPEG")  # source changed
-    rebuilt = build_cache(samples, (32, 16), tmp_path / "work" / "cache", progress=False)
+    rebuilt = build_cache(samples, (32, 16), tmp_path / "work" / "cache", progress=False, num_classes=5)
     assert rebuilt.directory != first.directory and len(calls) == len(samples)
     assert rebuilt.pair(rebuilt.index_of(samples[0]))[0].max() < 10
 
@@ -106,3 +106,15 @@ def test_seg_layout_is_used_as_is(tmp_path, kaggle_root):
     converted = prepare_data(_config(tmp_path, kaggle_root), progress=False).seg.root
     data = prepare_data(_config(tmp_path, converted), progress=False)
     assert data.seg.root == converted and open_seg_dataset(converted).splits["val"] == data.val
+
+
+def test_label_ids_outside_the_classes_name_the_file(tmp_path, kaggle_root):
+    from steel_seg.data.paddlex_layout import write_label_png
+
+    seg = prepare_data(_config(tmp_path, kaggle_root), progress=False).seg
+    sample = seg.splits["val"][0]
+    label = read_label_png(sample.label).copy()
+    label[0, 0] = 7  # labels.txt lists 5 classes
+    write_label_png(sample.label, label)
+    with pytest.raises(BadSampleError, match=rf"{sample.label.name}: class id\(s\) \[7\] outside 0..4"):
+        prepare_data(_config(tmp_path, seg.root), progress=False)

@@ -40,8 +40,8 @@ def fingerprint_samples(samples: Iterable[Sample]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(samples: list[Sample], size: tuple[int, int]) -> str:
-    text = f"v{CACHE_VERSION}|{size[0]}x{size[1]}|{fingerprint_samples(samples)}"
+def cache_key(samples: list[Sample], size: tuple[int, int], num_classes: int | None = None) -> str:
+    text = f"v{CACHE_VERSION}|{size[0]}x{size[1]}|{num_classes}|{fingerprint_samples(samples)}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -89,15 +89,18 @@ def build_cache(
     skip_bad: bool = False,
     progress: bool = True,
     on_skip: Callable[[str, str], None] | None = None,
+    num_classes: int | None = None,
 ) -> ResizedCache:
     """Open the cache for `samples` at `size`, building it first if absent or stale.
 
     A bad image or label raises BadSampleError unless `skip_bad`; skipped files are listed in
-    the cache's `skipped` and passed to `on_skip`. The cache is written in a temporary
+    the cache's `skipped` and passed to `on_skip`. With `num_classes`, a label holding an id
+    outside 0..num_classes-1 (other than 255, ignore) is a bad sample too: found here, it
+    names the file; found by the loss, it would be a crash mid-epoch. The cache is written in a temporary
     directory and renamed into place, so an interrupted build leaves nothing half-written.
     """
     cache_root = Path(cache_root)
-    directory = cache_root / cache_key(samples, size)
+    directory = cache_root / cache_key(samples, size, num_classes)
     if (directory / "index.json").is_file():
         return open_cache(directory)
 
@@ -117,6 +120,8 @@ def build_cache(
         for sample in bar:
             try:
                 image, label = resize_pair(*read_sample(sample), size)
+                if num_classes is not None:
+                    check_class_ids(sample, label, num_classes)
             except BadSampleError as exc:
                 if not skip_bad:
                     raise
@@ -144,6 +149,15 @@ def build_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return open_cache(directory)
+
+
+def check_class_ids(sample: Sample, label: np.ndarray, num_classes: int) -> None:
+    present = np.unique(label)
+    bad = present[(present >= num_classes) & (present != 255)]
+    if bad.size:
+        raise BadSampleError(
+            sample.label, f"class id(s) {bad.tolist()} outside 0..{num_classes - 1} (labels.txt lists {num_classes} classes; 255 = ignore)"
+        )
 
 
 def _truncate(path: Path, rows: int) -> None:

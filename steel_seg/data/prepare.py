@@ -216,6 +216,7 @@ def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None =
         Path(data.work_dir) / "cache",
         skip_bad=data.on_bad_sample == "skip",
         progress=progress,
+        num_classes=seg.num_classes,
     )
     skipped += cache.skipped
     usable = lambda items: [s for s in items if cache.index_of(s) is not None]  # noqa: E731
