@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
