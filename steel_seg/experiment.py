@@ -102,6 +102,10 @@ def loss_label(config: ExperimentConfig) -> str:
     return "+".join(f"{name}*{weight:g}" for name, weight in config.loss.terms())
 
 
+def augment_label(config: ExperimentConfig) -> str:
+    return config.augment if isinstance(config.augment, str) else "custom"
+
+
 def run_dir(config: ExperimentConfig, resume: bool | str | None) -> Path:
     """A new timestamped folder (results are never overwritten), or the one to resume."""
     base = Path(config.train.output_dir) / str(config.name)
@@ -178,16 +182,8 @@ def run_experiment(
 
     `overrides` are the command line's `--set` values, which also win over `demo_profile`.
     """
-    import paddle
-
-    from steel_seg import plots
-    from steel_seg.checkpoint import load_weights
-    from steel_seg.evaluation import evaluate
-    from steel_seg.losses import build_loss
-    from steel_seg.models import build_model, load_pretrained
-    from steel_seg.tracking import RunTracker, describe_store
-    from steel_seg.trainer import Trainer, TrainSettings
-    from steel_seg.tta import resolve_views
+    from steel_seg.checkpoint import load_training_state, load_weights
+    from steel_seg.tracking import RunTracker
 
     check_runnable(config)
     source, is_demo = resolve_source(config.data)
@@ -202,128 +198,171 @@ def run_experiment(
     out_dir = run_dir(config, resume)
     resume_run_id = None
     if resume:
-        from steel_seg.checkpoint import load_training_state
-
         resume_run_id = load_training_state(out_dir / "last.pdckpt")["progress"].get("extra", {}).get("run_id")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracking = config.tracking
     tracker = RunTracker(tracking.uri, tracking.experiment, tracking.run_name or config.name, tracking.tags, enabled=tracking.enabled)
     tracker.start(resume_run_id=resume_run_id, parent_run_id=parent_run_id)
-    with tracker:
-        resolved_yaml = dump_config(config)
-        (out_dir / "config.yaml").write_text(resolved_yaml)
-        tracker.log_params(config.model_dump(mode="json"))
-        tracker.log_text(resolved_yaml, "config.yaml")
-        tracker.set_tags(
-            {
-                "model": config.model.type,
-                "backbone": (config.model.backbone or {}).get("type", "none"),
-                "loss": loss_label(config),
-                "augment": config.augment if isinstance(config.augment, str) else "custom",
-                "include_defect_free": str(config.data.include_defect_free).lower(),
-                "config_hash": config_hash(config),
-                "git_commit": git_commit() or "unknown",
-                "demo_data": str(is_demo).lower(),
-                "device": device,
-                "output_dir": str(out_dir.resolve()),
-            }
-        )
-
+    with tracker:  # any exception below marks the run FAILED (KILLED on Ctrl-C)
+        _record_config(tracker, config, out_dir, is_demo, device)
         data = prepare_data(config.data, progress=progress, source=(source, is_demo))
-        size = tuple(config.data.size)
-        fingerprint = data.cache.directory.name
-        tracker.set_tags({"data_fingerprint": fingerprint, "data_source": str(Path(data.source).resolve())})
-        tracker.log_params({"data.num_train": len(data.train), "data.num_val": len(data.val), "data.num_test": len(data.test)})
-        for context, samples in (("training", data.train), ("validation", data.val)):
-            tracker.log_dataset(
-                _dataset_records(data, samples),
-                source=str(data.seg.root),
-                name=f"{Path(data.source).name}-{context}",
-                digest=_digest(samples),
-                context=context,
-            )
-        if data.skipped:
-            tracker.log_text("".join(f"{p}\t{r}\n" for p, r in data.skipped), "skipped_samples.tsv")
+        _record_data(tracker, data)
+        trainer = _build_trainer(config, data, out_dir, tracker, progress, resume=bool(resume))
+        state = trainer.fit(resume=bool(resume))
 
-        paddle.seed(config.train.seed)
-        model = build_model(config.model.type, data.num_classes, config.model.backbone, **config.model.kwargs())
-        if config.model.pretrained and not resume:
-            report = load_pretrained(model, config.model.pretrained)
-            tracker.log_dict(report.__dict__, "pretrained_load_report.json")
-        loss_terms = [(n, w, {"weight": config.loss.class_weights}) if n == "CrossEntropyLoss" and config.loss.class_weights else (n, w) for n, w in config.loss.terms()]
-        loss_fn = build_loss(loss_terms)
-
-        train_cfg = config.train
-        train_loader = BatchLoader(
-            data.cache, data.train, train_pipeline(config.augment, size), train_cfg.batch_size,
-            shuffle=True, drop_last=len(data.train) >= train_cfg.batch_size, seed=train_cfg.seed,
-            num_workers=train_cfg.num_workers, max_batches=train_cfg.max_steps_per_epoch,
-        )
-        eval_batch = config.eval.batch_size or train_cfg.batch_size
-        val_loader = BatchLoader(data.cache, data.val, eval_pipeline(size), eval_batch, num_workers=train_cfg.num_workers)
-        trainer = Trainer(
-            model, loss_fn, train_loader, val_loader,
-            TrainSettings(
-                epochs=train_cfg.epochs, learning_rate=train_cfg.learning_rate, momentum=train_cfg.momentum,
-                weight_decay=train_cfg.weight_decay, lr_power=train_cfg.lr_power, end_lr=train_cfg.end_lr,
-                eval_interval=train_cfg.eval_interval, seed=train_cfg.seed, amp=train_cfg.amp,
-            ),
-            out_dir,
-            num_classes=data.num_classes,
-            class_names=data.class_names,
-            aux_weights=config.loss.aux_weights,
-            events=RecordingEvents(tracker, data.class_names),
-            progress_bars=progress,
-        )
-        trainer.progress.extra["run_id"] = tracker.run_id
-        progress_state = trainer.fit(resume=bool(resume))
-
-        # Final evaluation with the best weights, without and (if configured) with TTA.
         if trainer.best_path.is_file():
-            load_weights(model, trainer.best_path)
-        split = config.eval.split
-        loader = BatchLoader(data.cache, data.split(split), eval_pipeline(size), eval_batch)
-        final = evaluate(model, loader, data.num_classes, data.class_names, keep_examples=config.eval.num_overlays, progress=progress, desc=f"final {split}")
-        metrics = _final_metrics(f"final_{split}_", final.scores, data.class_names, final.ms_per_image)
-        tta_result = None
-        if config.eval.tta:
-            views = resolve_views(config.eval.tta)
-            tta_result = evaluate(model, loader, data.num_classes, data.class_names, views, config.eval.tta_merge, progress=progress, desc=f"final {split} TTA")
-            metrics.update(_final_metrics(f"final_{split}_tta_", tta_result.scores, data.class_names, tta_result.ms_per_image))
-            metrics["tta_time_ratio"] = tta_result.seconds / max(final.seconds, 1e-9)
-        metrics["best_epoch"] = progress_state.best_epoch
-        tracker.log_metrics(metrics)
-
-        results = {"split": split, "best_epoch": progress_state.best_epoch, "scores": final.scores,
-                   "ms_per_image": final.ms_per_image,
-                   "tta": None if tta_result is None else {"views": config.eval.tta, "merge": config.eval.tta_merge,
-                                                           "scores": tta_result.scores, "ms_per_image": tta_result.ms_per_image},
-                   "history": progress_state.history}
-        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
-        tracker.log_artifact(out_dir / "metrics.json")
-        tracker.log_figure(plots.training_curves(progress_state.history, class_names=data.class_names), "plots/training_curves.png")
-        tracker.log_figure(plots.confusion_matrix_figure(final.scores["confusion_matrix"], data.class_names), "plots/confusion_matrix.png")
-        if final.examples:
-            rows = [row for row, _ in final.examples]
-            images = [np.array(data.cache.images[r]) for r in rows]
-            labels = [np.array(data.cache.labels[r]) for r in rows]
-            tracker.log_figure(
-                plots.overlays_figure(images, labels, [p for _, p in final.examples], data.class_names,
-                                      titles=[Path(data.cache.names[r]).name for r in rows]),
-                "plots/overlays.png",
-            )
+            load_weights(trainer.model, trainer.best_path)
+        final, tta = _final_evaluation(config, trainer.model, data, progress)
+        _record_results(tracker, config, data, state, final, tta, out_dir)
         if trainer.best_path.is_file() and config.tracking.log_model:
             tracker.log_artifact(trainer.best_path, "checkpoints")
-        summary = _summary(config, final, tta_result, progress_state.best_epoch, out_dir, tracker, describe_store, split, data)
-    return ExperimentResult(str(config.name), tracker.run_id, out_dir, final.scores,
-                            None if tta_result is None else tta_result.scores, progress_state.best_epoch, summary)
+        summary = _summary(config, final, tta, state.best_epoch, out_dir, tracker, data)
+    return ExperimentResult(
+        str(config.name), tracker.run_id, out_dir, final.scores, None if tta is None else tta.scores, state.best_epoch, summary
+    )
 
 
-def _summary(config, final, tta_result, best_epoch, out_dir, tracker, describe_store, split, data) -> str:
+def _record_config(tracker, config: ExperimentConfig, out_dir: Path, is_demo: bool, device: str) -> None:
+    resolved_yaml = dump_config(config)
+    (out_dir / "config.yaml").write_text(resolved_yaml)
+    tracker.log_params(config.model_dump(mode="json"))
+    tracker.log_text(resolved_yaml, "config.yaml")
+    tracker.set_tags(
+        {
+            "model": config.model.type,
+            "backbone": (config.model.backbone or {}).get("type", "none"),
+            "loss": loss_label(config),
+            "augment": augment_label(config),
+            "include_defect_free": str(config.data.include_defect_free).lower(),
+            "config_hash": config_hash(config),
+            "git_commit": git_commit() or "unknown",
+            "demo_data": str(is_demo).lower(),
+            "device": device,
+            "output_dir": str(out_dir.resolve()),
+        }
+    )
+
+
+def _record_data(tracker, data: PreparedData) -> None:
+    tracker.set_tags({"data_fingerprint": data.cache.directory.name, "data_source": str(Path(data.source).resolve())})
+    tracker.log_params({"data.num_train": len(data.train), "data.num_val": len(data.val), "data.num_test": len(data.test)})
+    for context, samples in (("training", data.train), ("validation", data.val)):
+        tracker.log_dataset(
+            _dataset_records(data, samples),
+            source=str(data.seg.root),
+            name=f"{Path(data.source).name}-{context}",
+            digest=_digest(samples),
+            context=context,
+        )
+    if data.skipped:
+        tracker.log_text("".join(f"{p}\t{r}\n" for p, r in data.skipped), "skipped_samples.tsv")
+
+
+def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, tracker, progress: bool, resume: bool):
+    import paddle
+
+    from steel_seg.losses import build_loss
+    from steel_seg.models import build_model, load_pretrained
+    from steel_seg.trainer import Trainer, TrainSettings
+
+    paddle.seed(config.train.seed)  # the same initial weights for the same seed
+    model = build_model(config.model.type, data.num_classes, config.model.backbone, **config.model.kwargs())
+    if config.model.pretrained and not resume:
+        report = load_pretrained(model, config.model.pretrained)
+        tracker.log_dict(report.__dict__, "pretrained_load_report.json")
+    class_weights = config.loss.class_weights
+    loss_fn = build_loss(
+        [(n, w, {"weight": class_weights}) if n == "CrossEntropyLoss" and class_weights else (n, w) for n, w in config.loss.terms()]
+    )
+    train, size = config.train, tuple(config.data.size)
+    train_loader = BatchLoader(
+        data.cache, data.train, train_pipeline(config.augment, size), train.batch_size,
+        shuffle=True, drop_last=len(data.train) >= train.batch_size, seed=train.seed,
+        num_workers=train.num_workers, max_batches=train.max_steps_per_epoch,
+    )
+    val_loader = BatchLoader(data.cache, data.val, eval_pipeline(size), _eval_batch(config), num_workers=train.num_workers)
+    settings = TrainSettings(
+        epochs=train.epochs, learning_rate=train.learning_rate, momentum=train.momentum,
+        weight_decay=train.weight_decay, lr_power=train.lr_power, end_lr=train.end_lr,
+        eval_interval=train.eval_interval, seed=train.seed, amp=train.amp,
+    )
+    trainer = Trainer(
+        model, loss_fn, train_loader, val_loader, settings, out_dir,
+        num_classes=data.num_classes, class_names=data.class_names, aux_weights=config.loss.aux_weights,
+        events=RecordingEvents(tracker, data.class_names), progress_bars=progress,
+    )
+    trainer.progress.extra["run_id"] = tracker.run_id  # so --resume continues this run
+    return trainer
+
+
+def _eval_batch(config: ExperimentConfig) -> int:
+    return config.eval.batch_size or config.train.batch_size
+
+
+def _final_evaluation(config: ExperimentConfig, model, data: PreparedData, progress: bool):
+    """Scores on `eval.split`, plain and (if configured) with TTA."""
+    from steel_seg.evaluation import evaluate
+    from steel_seg.tta import resolve_views
+
+    split = config.eval.split
+    loader = BatchLoader(data.cache, data.split(split), eval_pipeline(tuple(config.data.size)), _eval_batch(config))
+    final = evaluate(model, loader, data.num_classes, data.class_names, keep_examples=config.eval.num_overlays,
+                     progress=progress, desc=f"final {split}")
+    tta = None
+    if config.eval.tta:
+        tta = evaluate(model, loader, data.num_classes, data.class_names, resolve_views(config.eval.tta),
+                       config.eval.tta_merge, progress=progress, desc=f"final {split} TTA")
+    return final, tta
+
+
+def _record_results(tracker, config: ExperimentConfig, data: PreparedData, state, final, tta, out_dir: Path) -> None:
+    """Final metrics, metrics.json and the plots."""
+    from steel_seg import plots
+
+    split = config.eval.split
+    metrics = _final_metrics(f"final_{split}_", final.scores, data.class_names, final.ms_per_image)
+    if tta is not None:
+        metrics.update(_final_metrics(f"final_{split}_tta_", tta.scores, data.class_names, tta.ms_per_image))
+        metrics["tta_time_ratio"] = tta.seconds / max(final.seconds, 1e-9)
+    metrics["best_epoch"] = state.best_epoch
+    tracker.log_metrics(metrics)
+
+    results = {
+        "split": split,
+        "best_epoch": state.best_epoch,
+        "scores": final.scores,
+        "ms_per_image": final.ms_per_image,
+        "tta": None if tta is None else {
+            "views": config.eval.tta, "merge": config.eval.tta_merge, "scores": tta.scores, "ms_per_image": tta.ms_per_image,
+        },
+        "history": state.history,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+    tracker.log_artifact(out_dir / "metrics.json")
+    tracker.log_figure(plots.training_curves(state.history, class_names=data.class_names), "plots/training_curves.png")
+    tracker.log_figure(plots.confusion_matrix_figure(final.scores["confusion_matrix"], data.class_names), "plots/confusion_matrix.png")
+    if final.examples:
+        rows = [row for row, _ in final.examples]
+        tracker.log_figure(
+            plots.overlays_figure(
+                [np.array(data.cache.images[r]) for r in rows],
+                [np.array(data.cache.labels[r]) for r in rows],
+                [prediction for _, prediction in final.examples],
+                data.class_names,
+                titles=[Path(data.cache.names[r]).name for r in rows],
+            ),
+            "plots/overlays.png",
+        )
+
+
+def _summary(config, final, tta_result, best_epoch, out_dir, tracker, data) -> str:
+    from steel_seg.tracking import describe_store
+
+    split = config.eval.split
     lines = [
         "",
-        f"== {config.name}: {config.model.type}, loss {loss_label(config)}, augment {config.augment if isinstance(config.augment, str) else 'custom'}"
+        f"== {config.name}: {config.model.type}, loss {loss_label(config)}, augment {augment_label(config)}"
         + (" (demo data)" if data.is_demo else ""),
         f"best epoch {best_epoch}; {split} split, {final.images} images, {final.ms_per_image:.1f} ms/image",
         format_scores(final.scores, data.class_names),
