@@ -204,8 +204,8 @@ class Trainer:
                     "lower train.learning_rate, or check the labels for ids outside the classes"
                 )
             losses.append(loss)
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + float(value)
+            for name, value in terms.items():  # stays on the device; read once per epoch
+                term_sums[name] = value if name not in term_sums else term_sums[name] + value
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
@@ -216,7 +216,7 @@ class Trainer:
             "lr": self.optimizer.get_lr(),
             "step_seconds": float(np.mean(step_seconds)),
         }
-        record.update({f"loss_{name}": total / len(losses) for name, total in term_sums.items()})
+        record.update({f"loss_{name}": float(total) / len(losses) for name, total in term_sums.items()})
         if epoch % self.settings.eval_interval == 0 or epoch == self.settings.epochs:
             result = evaluate(
                 self.model, self.val_loader, self.num_classes, self.class_names, self.views,

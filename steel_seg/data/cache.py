@@ -66,8 +66,8 @@ class ResizedCache:
         return self._index.get(str(sample.image))
 
     def pair(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies (the arrays are read-only maps, and transforms may write)."""
-        return np.array(self.images[row]), np.array(self.labels[row])
+        """Read-only views into the maps; our transforms never write into their inputs."""
+        return self.images[row], self.labels[row]
 
 
 def open_cache(directory: Path) -> ResizedCache:
