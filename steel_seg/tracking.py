@@ -188,6 +188,8 @@ class RunTracker:
         self._run_id = run_id
         self._experiment_id = run.info.experiment_id
         self._client.update_run(run_id, status="RUNNING")
+        if "failure_reason" in run.data.tags:  # the interruption being resumed is over
+            self._client.delete_tag(run_id, "failure_reason")
         if self.tags:
             self.set_tags(self.tags)
 

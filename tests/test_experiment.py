@@ -151,6 +151,7 @@ def test_resume_continues_the_same_run_to_the_same_weights(tmp_path, kaggle_root
     resumed = run_experiment(config, resume=True, progress=False)
     client, run = only_run(interrupted)  # still one run, continued
     assert resumed.run_id == run.info.run_id and run.info.status == "FINISHED"
+    assert "failure_reason" not in run.data.tags
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
 
     a, b = _weights(straight.output_dir / "last.pdckpt"), _weights(resumed.output_dir / "last.pdckpt")
