@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - report, the MLflow run is already marked FAILED
         from steel_seg.trainer import NonFiniteLoss
 
