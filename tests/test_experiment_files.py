@@ -42,6 +42,8 @@ def test_seed_settings(name):
     assert (config.train.momentum, config.train.weight_decay, config.train.lr_power) == (0.9, 4e-5, 0.9)
     demo = with_demo_profile(config, ["train.epochs=1"])
     assert demo.train.epochs == 1 and demo.data.size == (200, 32)  # --set wins over the profile
+    off = load_experiment(ROOT / "experiments" / f"{name}.yaml", ["demo_profile=null"])
+    assert with_demo_profile(off) == off
 
 
 def test_pipeline_lists_the_whole_study(capsys):

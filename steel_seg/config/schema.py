@@ -175,9 +175,10 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
-    demo_profile: dict[str, Any] = {}
+    demo_profile: dict[str, Any] | None = {}
     """Overrides applied only when the run falls back to the demo data (e.g. fewer epochs),
-    so a quick demo never changes the settings used on real data."""
+    so a quick demo never changes the settings used on real data. `null` turns it off (an
+    empty mapping would merge into the base file's profile and change nothing)."""
 
     @model_validator(mode="before")
     @classmethod
