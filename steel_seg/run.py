@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -67,9 +68,21 @@ def pipeline_entries(path: Path) -> list[tuple[Path, list[str]]]:
     return entries
 
 
+def _stop_on_sigterm() -> None:
+    """A job scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, checkpoint kept."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     args = build_parser().parse_args(argv)
+    import paddle  # noqa: F401  - Paddle installs its own SIGTERM handler on import; ours goes after
+
+    _stop_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -192,3 +192,25 @@ def test_evaluate_command_scores_a_run(tmp_path, kaggle_root):
     assert scores["scores"]["miou"] == pytest.approx(result.scores["miou"])
     assert scores["tta"]["scores"]["miou"] == pytest.approx(result.tta_scores["miou"])
     assert "mIoU" in out.stdout
+
+
+def test_sigterm_marks_the_run_killed_and_keeps_the_checkpoint(tmp_path, kaggle_root):
+    import signal
+    import time
+
+    path = write_config(tmp_path, kaggle_root, train={"epochs": 500, "max_steps_per_epoch": 1})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "steel_seg.run", str(path), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "outputs").glob("tiny/*/last.pdckpt")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # what a job scheduler sends
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "continue it with --resume" in err
+    _, run = only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "KeyboardInterrupt: signal SIGTERM"
+    checkpoint = next((tmp_path / "outputs").glob("tiny/*/last.pdckpt"))
+    assert paddle.load(str(checkpoint))["progress"]["epoch"] >= 1  # intact, loadable
