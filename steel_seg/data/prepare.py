@@ -94,7 +94,7 @@ def image_shape(path: Path) -> tuple[int, int]:
 
 
 def convert_kaggle(
-    kaggle_root: Path,
+    kaggle_root: Path | kaggle.KaggleFolder,
     out_dir: Path,
     ratios=(0.7, 0.2, 0.1),
     seed: int = 0,
@@ -109,7 +109,7 @@ def convert_kaggle(
     go to `defect_free_list.txt`. A skipped bad image is removed after splitting, so it does
     not shift the others between splits.
     """
-    folder = kaggle.open_kaggle_folder(kaggle_root)
+    folder = kaggle_root if isinstance(kaggle_root, kaggle.KaggleFolder) else kaggle.open_kaggle_folder(kaggle_root)
     classes = {image_id: folder.classes_of(image_id) for image_id in folder.image_ids}
     split = stratified_split({i: c for i, c in classes.items() if c}, ratios, seed)
     split["defect_free"] = sorted(i for i, c in classes.items() if not c)
@@ -156,7 +156,7 @@ def _converted(kaggle_root: Path, work_dir: Path, ratios, seed: int, skip_bad: b
         log.info("converting %s to the SEG layout in %s", kaggle_root, target)
         new_skips: list[tuple[str, str]] = []
         convert_kaggle(
-            kaggle_root, tmp, ratios, seed, skip_bad=skip_bad, on_skip=lambda p, r: new_skips.append((p, r)), progress=progress
+            folder, tmp, ratios, seed, skip_bad=skip_bad, on_skip=lambda p, r: new_skips.append((p, r)), progress=progress
         )
         (tmp / SKIPPED_FILE).write_text("".join(f"{p}\t{r}\n" for p, r in new_skips), encoding="utf-8")
         skipped += new_skips
