@@ -1,0 +1,128 @@
+"""`Predictor`: an export folder in, class-id masks at the original resolution out.
+
+Imports only Paddle Inference (or ONNX Runtime, when chosen), NumPy, OpenCV and PyYAML; a test
+checks that no training code and no MLflow is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+from steel_seg.deploy import tta as tta_views
+from steel_seg.deploy.backends import choose_backend, open_engine
+from steel_seg.deploy.images import as_rgb, decode_rgb, read_rgb
+from steel_seg.deploy.postprocess import probs_to_mask, softmax, upsample_probs
+from steel_seg.deploy.preprocess import model_input
+from steel_seg.deploy.spec import DeploySpec, read_spec
+
+ImageInput = Union[str, Path, bytes, np.ndarray]
+
+
+@dataclass
+class Prediction:
+    name: str
+    mask: np.ndarray
+    """(H, W) uint8 class ids at the image's own resolution."""
+    probs: np.ndarray | None = None
+    """(C, H, W) float32 merged probabilities, when asked for."""
+
+
+def load_image(item: ImageInput, name: str | None = None) -> tuple[str, np.ndarray]:
+    """(name, RGB array) from a path, encoded bytes or an array; bad input raises UnreadableImage."""
+    if isinstance(item, (str, Path)):
+        return str(item), read_rgb(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        return label, decode_rgb(bytes(item), label)
+    label = name or "<array>"
+    return label, as_rgb(item, label)
+
+
+class Predictor:
+    """Runs an exported model: preprocessing, batched inference, TTA, post-processing.
+
+    backend: `auto` (the fastest that passed its check at export) or a name from deploy.yaml.
+    tta: view names (e.g. ["hflip"]); None uses deploy.yaml's; [] turns TTA off.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        backend: str = "auto",
+        threads: int | None = None,
+        tta: Sequence[str] | None = None,
+        tta_merge: str | None = None,
+        batch_size: int = 8,
+        postprocess: bool = True,
+    ):
+        self.folder = Path(folder)
+        self.spec: DeploySpec = read_spec(self.folder)
+        self.backend = choose_backend(self.spec, backend)
+        self.threads = threads
+        self.engine = open_engine(self.folder, self.backend, threads)
+        self.tta_merge = tta_merge or self.spec.tta.get("merge", "mean")
+        self.views = tta_views.resolve(self.spec.tta.get("views", []) if tta is None else tta, self.tta_merge)
+        self.batch_size = max(1, batch_size)
+        self.postprocess = postprocess
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.classes)
+
+    # -- at model size -----------------------------------------------------------------------
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits (N, C, h, w) for a preprocessed batch; no TTA."""
+        return self.engine.run(batch)
+
+    def model_probs(self, batch: np.ndarray) -> np.ndarray:
+        """Softmax probabilities at model size, merged over the TTA views."""
+        probs = []
+        for view in self.views:
+            out = softmax(self.engine.run(tta_views.augment(batch, view)), axis=1)
+            probs.append(tta_views.augment(out, view))  # flips undo themselves
+        return tta_views.merge(probs, self.tta_merge)
+
+    # -- at the original size ----------------------------------------------------------------
+
+    def _masks(self, images: list[np.ndarray], return_probs: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        probs = self.model_probs(model_input(images, self.spec.preprocess))
+        post = self.spec.postprocess
+        thresholds = post.thresholds if self.postprocess else None
+        min_areas = post.min_areas if self.postprocess else None
+        out = []
+        for image, p in zip(images, probs):
+            full = upsample_probs(p, image.shape[1], image.shape[0])
+            out.append((probs_to_mask(full, thresholds, min_areas), full if return_probs else None))
+        return out
+
+    def predict_arrays(self, images: Sequence[np.ndarray], return_probs: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(mask, probs or None) for RGB uint8 arrays, batched by `batch_size`."""
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            results.extend(self._masks(list(images[start:start + self.batch_size]), return_probs))
+        return results
+
+    def predict(self, inputs: Iterable[ImageInput], return_probs: bool = False) -> list[Prediction]:
+        """Masks for paths, encoded bytes or arrays; the first unreadable input raises, naming it."""
+        loaded = [load_image(item) for item in inputs]
+        results = self.predict_arrays([image for _, image in loaded], return_probs)
+        return [Prediction(name, mask, probs) for (name, _), (mask, probs) in zip(loaded, results)]
+
+    def predict_one(self, item: ImageInput, return_probs: bool = False) -> Prediction:
+        return self.predict([item], return_probs)[0]
+
+    def time_per_image(self, images: Sequence[np.ndarray], repeats: int = 3) -> float:
+        """Median ms per image of the whole path (after one warm-up pass)."""
+        self.predict_arrays(images[:1])
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.predict_arrays(images)
+            times.append((time.perf_counter() - start) * 1000 / len(images))
+        return float(np.median(times))
