@@ -257,6 +257,12 @@ def _record_data(tracker, data: PreparedData) -> None:
         )
     if data.skipped:
         tracker.log_text("".join(f"{p}\t{r}\n" for p, r in data.skipped), "skipped_samples.tsv")
+    # What an export needs from the data, kept with the run so export works where the data is not.
+    from steel_seg.deploy.release import LABELS_FILE, SAMPLES_DIR
+
+    tracker.log_text("\n".join(data.class_names) + "\n", LABELS_FILE)
+    for sample in (data.val or data.train)[:4]:
+        tracker.log_artifact(sample.image, SAMPLES_DIR)
 
 
 def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, tracker, progress: bool, resume: bool):

@@ -452,3 +452,39 @@ def describe_store(uri: str | None, experiment_id: str | None = None) -> str:
         "  (MLflow 3 opens an experiment on its GenAI 'Overview' page; training runs are under "
         "'Model training', or go straight to the URL above)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a run to export
+
+
+def finished_run(uri: str | None, experiment: str | None = None, metric: str = "final_val_miou", run_id: str | None = None):
+    """The run to export: `run_id` (which must be FINISHED), or the FINISHED run of
+    `experiment` with the highest `metric`. Errors say what exists instead."""
+    uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(f"MLflow run {run_id!r} is not in {uri}; check the run id and --tracking-uri") from None
+        if run.info.status != "FINISHED":
+            raise ValueError(f"MLflow run {run_id} is {run.info.status}, not FINISHED: export a run that completed")
+        return run
+    if not experiment:
+        raise ValueError("give --experiment NAME (to pick its best run) or --run-id ID")
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {', '.join(names) or '(none)'}")
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"attributes.status = 'FINISHED' and metrics.`{metric}` > -1e300",
+        order_by=[f"metrics.`{metric}` DESC", "attributes.start_time DESC"], max_results=1,
+    )
+    if runs:
+        return runs[0]
+    finished = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50)
+    if not finished:
+        raise ValueError(f"experiment {experiment!r} has no FINISHED run to export")
+    metrics = sorted({k for r in finished for k in r.data.metrics if k.startswith("final_")})
+    raise ValueError(f"no FINISHED run of {experiment!r} has the metric {metric!r}; final metrics there: {', '.join(metrics)}")

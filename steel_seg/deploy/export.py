@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from steel_seg.deploy.backends import BackendUnavailable, backends_for_this_machine, open_engine
@@ -211,6 +212,8 @@ def _build(source: ModelSource, folder: Path, samples: list[np.ndarray], onnx: b
     spec.write(folder)
     if source.config_yaml:
         (folder / "training_config.yaml").write_text(source.config_yaml)
+    (folder / "examples").mkdir()
+    cv2.imwrite(str(folder / "examples" / "example.png"), cv2.cvtColor(samples[0], cv2.COLOR_RGB2BGR))
     (folder / "README.md").write_text(export_readme(spec, folder.name.lstrip(".").replace(".partial", "")))
     return spec
 
