@@ -74,7 +74,7 @@ def test_run_records_everything_in_mlflow(tmp_path, kaggle_root):
     assert metrics["final_val_miou"] == pytest.approx(result.scores["miou"])
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "checkpoints", "plots"} <= artifacts
+    assert {"config.yaml", "metrics.json", "checkpoints", "plots", "labels.txt", "deploy_samples"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png", "plots/overlays.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pdparams"}
