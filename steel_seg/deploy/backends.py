@@ -27,6 +27,13 @@ def default_threads() -> int:
     return int(os.environ.get("STEEL_SEG_THREADS", 0)) or os.cpu_count() or 1
 
 
+def cache_dir(name: str) -> Path:
+    """A folder under $STEEL_SEG_CACHE (default ~/.cache/steel_seg), created on first use."""
+    path = Path(os.environ.get("STEEL_SEG_CACHE", Path.home() / ".cache" / "steel_seg")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def paddle_has_gpu() -> bool:
     try:
         import paddle
@@ -72,6 +79,9 @@ class PaddleEngine:
                 if not hasattr(config, "enable_openvino_engine"):
                     raise BackendUnavailable("backend openvino: this Paddle build has no OpenVINO engine")
                 config.disable_onednn()
+                # OpenVINO caches compiled models, by default in `./__cache__` of whatever the
+                # working directory is; keep them in the user's cache instead.
+                config.set_optim_cache_dir(str(cache_dir("openvino")))
                 config.enable_openvino_engine(pi.PrecisionType.Float32)
             elif mode == "paddle":
                 config.disable_onednn()
