@@ -488,3 +488,198 @@ def finished_run(uri: str | None, experiment: str | None = None, metric: str = "
         raise ValueError(f"experiment {experiment!r} has no FINISHED run to export")
     metrics = sorted({k for r in finished for k in r.data.metrics if k.startswith("final_")})
     raise ValueError(f"no FINISHED run of {experiment!r} has the metric {metric!r}; final metrics there: {', '.join(metrics)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and the Model Registry
+
+PYFUNC_MODEL_CODE = Path(__file__).parent / "deploy" / "pyfunc_model.py"
+REGISTERED_MODEL = "steel-seg"
+CHAMPION = "champion"
+
+# What the pyfunc model imports at inference, pinned to this environment. Given explicitly, so
+# MLflow does not infer requirements by importing the model in a subprocess.
+_INFERENCE_DISTRIBUTIONS = (
+    ("paddlepaddle", "paddlepaddle-gpu"),
+    ("numpy",),
+    ("opencv-python", "opencv-python-headless", "opencv-contrib-python"),
+    ("pyyaml",),
+    ("pandas",),
+)
+
+
+def log_export(uri: str | None, run_id: str, folder: Path, metrics: dict[str, float]) -> None:
+    """Copy an export folder into the run's artifacts as `export/<folder name>`, and log `metrics`
+    (e.g. the export's backend timings) at step 0; NaN values are skipped as in RunTracker."""
+    uri = resolve_tracking_uri(uri)
+    folder = _export_folder(folder)
+    values = {key: _as_float(key, value) for key, value in metrics.items()}  # bad values fail first
+    client = MlflowClient(tracking_uri=uri)
+    _existing_run(client, uri, run_id)
+    client.log_artifacts(run_id, str(folder), f"export/{folder.name}")
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items() if not math.isnan(v)])
+
+
+def register_export(
+    uri: str | None,
+    run_id: str,
+    folder: Path,
+    model_name: str = REGISTERED_MODEL,
+    alias: str = CHAMPION,
+    example_image: bytes | None = None,
+    tags: dict | None = None,
+) -> str:
+    """Log the export folder as a pyfunc model of `run_id`, register it as a new version of
+    `model_name`, point `alias` at it, and return the version number.
+
+    The model is logged from code (steel_seg/deploy/pyfunc_model.py) with the folder as its
+    artifact `export`. The version is tagged with `run_id` and `tags`. Moving the alias leaves the
+    previous version as it was (number, tags, files): roll back by pointing the alias at it.
+    `example_image` (encoded JPEG/PNG) becomes the input example; by default a grey image of the
+    model's input size. The run's status is never touched: no fluent run is started.
+    """
+    import pandas as pd
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from steel_seg.deploy.spec import read_spec
+
+    uri = resolve_tracking_uri(uri)
+    folder = _export_folder(folder)
+    spec = read_spec(folder)
+    client = MlflowClient(tracking_uri=uri)
+    run = _existing_run(client, uri, run_id)
+    example = _example_image_b64(example_image, spec.preprocess.size)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema(
+            [ColSpec("long", "height"), ColSpec("long", "width"), ColSpec("string", "mask_png")]
+            + [ColSpec("long", f"pixels_{name}") for name in spec.classes[1:]]
+        ),
+    )
+    # The LoggedModel is created here, in the run's experiment: Model.log(run_id=...) without a
+    # fluent active run would put it in the *default* experiment (it asks the fluent API which
+    # experiment is active), and its files under ./mlruns of the working directory.
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=folder.name, source_run_id=run_id,
+        tags={"steel_seg.export": folder.name}, model_type="steel_seg.segmentation",
+    )
+    # Model.log (which mlflow.pyfunc.log_model wraps) takes run_id and model_id but reads the store
+    # from the global tracking URI, and so does the sqlite registry when it resolves a
+    # `models:/<model_id>` source (an MLflow TODO): both run with the global URI set to `uri`.
+    with _GlobalTrackingUri(uri):
+        # Links the model to the run as an output; marks it READY, or FAILED if saving raises.
+        info = Model.log(
+            artifact_path=None,  # deprecated, but still a required positional parameter
+            name=folder.name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(PYFUNC_MODEL_CODE),
+            artifacts={"export": str(folder)},
+            signature=signature,
+            input_example=pd.DataFrame({"image": [example]}),
+            pip_requirements=_inference_requirements(),
+        )
+        try:
+            client.create_registered_model(
+                model_name, description="steel_seg defect segmentation exports (see each version's run)"
+            )
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            model_name, source=info.model_uri, run_id=run_id, model_id=logged.model_id,
+            tags={"run_id": run_id, **{k: str(v) for k, v in (tags or {}).items()}},
+            description=f"export {folder.name} of run {run_id}",
+        )
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return str(version.version)
+
+
+def model_version_for_alias(uri: str | None, model_name: str = REGISTERED_MODEL, alias: str = CHAMPION):
+    """The ModelVersion `alias` points at; a missing model or alias says what exists instead."""
+    uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        pass
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(
+            f"no registered model {model_name!r} in {uri}; registered models there: {', '.join(names) or '(none)'}"
+        ) from None
+    listing = ", ".join(f"@{a} -> version {v}" for a, v in sorted(aliases.items())) or "(none)"
+    raise ValueError(f"registered model {model_name!r} has no alias {alias!r}; its aliases: {listing}")
+
+
+def _export_folder(folder) -> Path:
+    folder = Path(folder)
+    if not (folder / "deploy.yaml").is_file():
+        raise FileNotFoundError(f"{folder} is not an export folder (no deploy.yaml); make one with `python -m steel_seg.export`")
+    return folder
+
+
+def _existing_run(client: MlflowClient, uri: str, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"MLflow run {run_id!r} is not in {uri}; check the run id and tracking URI") from None
+
+
+def _example_image_b64(example_image: bytes | None, size: tuple[int, int]) -> str:
+    """Base64 text of the input example; by default a mid-grey PNG of the model's (width, height)."""
+    import base64
+
+    if example_image is None:
+        import cv2
+        import numpy as np
+
+        ok, png = cv2.imencode(".png", np.full((int(size[1]), int(size[0]), 3), 128, np.uint8))
+        example_image = png.tobytes()
+    return base64.b64encode(bytes(example_image)).decode("ascii")
+
+
+def _inference_requirements() -> list[str]:
+    """pip pins of what the pyfunc model imports, as installed here (first found of each group)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for names in _INFERENCE_DISTRIBUTIONS:
+        for name in names:
+            try:
+                pins.append(f"{name}=={version(name)}")
+                break
+            except PackageNotFoundError:
+                continue
+        else:
+            pins.append(names[0])
+    return pins
+
+
+class _GlobalTrackingUri:
+    """Point MLflow's process-wide tracking URI at `uri` for a block, then restore it.
+
+    `mlflow.set_tracking_uri` also writes $MLFLOW_TRACKING_URI (for subprocesses), so the
+    variable is put back as it was too.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self):
+        self._env = os.environ.get("MLFLOW_TRACKING_URI")
+        self._previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(self.uri)
+
+    def __exit__(self, *exc) -> bool:
+        mlflow.set_tracking_uri(self._previous)
+        if self._env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._env
+        return False
