@@ -83,7 +83,7 @@ class DeploySpec:
     def write(self, folder: Path) -> Path:
         path = Path(folder) / SPEC_FILE
         header = "# steel_seg export: how to preprocess, run and post-process this model.\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False, width=100))
+        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False, width=100, default_flow_style=None))
         return path
 
 
