@@ -159,6 +159,7 @@ class RunTracker:
         else:
             self._experiment_id = self._experiment_id_for(self.experiment)
             tags = {
+                **_process_tags(),
                 MLFLOW_USER: _user(),
                 MLFLOW_SOURCE_NAME: sys.argv[0] or "python",
                 MLFLOW_SOURCE_TYPE: "LOCAL",
@@ -185,9 +186,17 @@ class RunTracker:
                 f"cannot resume MLflow run {run_id!r}: it was deleted. Restore it in the MLflow UI "
                 "(or MlflowClient().restore_run) or start a new run."
             )
+        if run.info.status == "RUNNING":
+            if process_alive(run.data.tags):
+                raise ValueError(
+                    f"MLflow run {run_id} is RUNNING in a live process ({_owner(run.data.tags)}); "
+                    "it is not touched. Stop that process first, or start a new run."
+                )
+            mark_dead(self._client, run)
         self._run_id = run_id
         self._experiment_id = run.info.experiment_id
         self._client.update_run(run_id, status="RUNNING")
+        self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _process_tags().items()])
         if "failure_reason" in run.data.tags:  # the interruption being resumed is over
             self._client.delete_tag(run_id, "failure_reason")
         if self.tags:
@@ -388,6 +397,65 @@ def _close_figure(figure) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs whose process died without a word (kill -9, power loss)
+
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "steel_seg.host", "steel_seg.pid", "steel_seg.process_start"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), so a reused pid is not taken for the same process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_tags() -> dict[str, str]:
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROCESS_START_TAG: _process_start(os.getpid()) or ""}
+
+
+def _owner(tags: dict) -> str:
+    return f"pid {tags.get(PID_TAG, '?')} on {tags.get(HOST_TAG, '?')}"
+
+
+def process_alive(tags: dict) -> bool:
+    """Whether the process that owns a RUNNING run still runs. A run from another host, or
+    without the tags (older runs), counts as alive: we cannot tell, so we never touch it."""
+    import socket
+
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return True
+    pid = int(tags[PID_TAG])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    recorded = tags.get(PROCESS_START_TAG)
+    return not recorded or _process_start(pid) in (None, recorded)
+
+
+def mark_dead(client: MlflowClient, run) -> None:
+    reason = f"the process ({_owner(run.data.tags)}) died without ending the run; marked KILLED by a later process"
+    client.set_tag(run.info.run_id, "failure_reason", reason)
+    client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def reap_dead_runs(uri: str | None, experiment_id: str) -> list[str]:
+    """Mark RUNNING runs of this host whose process is gone as KILLED; returns their ids."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    dead = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if not process_alive(run.data.tags):
+            mark_dead(client, run)
+            dead.append(run.info.run_id)
+    return dead
 
 
 # ---------------------------------------------------------------------------------------------
