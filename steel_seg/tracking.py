@@ -193,6 +193,7 @@ class RunTracker:
                     "it is not touched. Stop that process first, or start a new run."
                 )
             mark_dead(self._client, run)
+            run = self._client.get_run(run_id)
         self._run_id = run_id
         self._experiment_id = run.info.experiment_id
         self._client.update_run(run_id, status="RUNNING")

@@ -267,3 +267,42 @@ def test_disabled_tracker_does_nothing(tmp_path, monkeypatch):
     assert t.run_id is None and t.experiment_id is None and t.ui_url() == ""
     assert not plt.fignum_exists(figure.number)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_process_was_killed_is_marked_killed_and_a_live_one_is_left(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from steel_seg.tracking import reap_dead_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = (
+        "import sys, time\n"
+        "from steel_seg.tracking import RunTracker\n"
+        f"t = RunTracker({uri!r}, 'dead').start()\n"
+        "print(t.run_id, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        dead_id = child.stdout.readline().strip()
+    finally:
+        child.send_signal(signal.SIGKILL)  # no handler runs: the run stays RUNNING
+        child.wait()
+    client = MlflowClient(uri)
+    assert client.get_run(dead_id).info.status == "RUNNING"
+
+    live = RunTracker(uri, "dead").start()
+    experiment_id = client.get_run(dead_id).info.experiment_id
+    assert reap_dead_runs(uri, experiment_id) == [dead_id]
+    dead = client.get_run(dead_id)
+    assert dead.info.status == "KILLED" and "died without ending the run" in dead.data.tags["failure_reason"]
+    assert client.get_run(live.run_id).info.status == "RUNNING"  # alive: never touched
+    with pytest.raises(ValueError, match="live process"):
+        RunTracker(uri, "dead").start(resume_run_id=live.run_id)
+    live.finish()
+
+    resumed = RunTracker(uri, "dead").start(resume_run_id=dead_id)  # a killed run can be resumed
+    assert client.get_run(dead_id).info.status == "RUNNING" and "failure_reason" not in client.get_run(dead_id).data.tags
+    resumed.finish()
