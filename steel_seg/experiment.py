@@ -177,10 +177,12 @@ def run_experiment(
     progress: bool = True,
     parent_run_id: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    tags: dict[str, str] | None = None,
 ) -> ExperimentResult:
     """Train and evaluate one experiment, recorded as one MLflow run.
 
     `overrides` are the command line's `--set` values, which also win over `demo_profile`.
+    `tags` are added to the run's tags (the pipeline's stage, variant and seed).
     """
     from steel_seg.checkpoint import load_training_state, load_weights
     from steel_seg.tracking import RunTracker
@@ -202,7 +204,9 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracking = config.tracking
-    tracker = RunTracker(tracking.uri, tracking.experiment, tracking.run_name or config.name, tracking.tags, enabled=tracking.enabled)
+    tracker = RunTracker(
+        tracking.uri, tracking.experiment, tracking.run_name or config.name, {**tracking.tags, **(tags or {})}, enabled=tracking.enabled
+    )
     tracker.start(resume_run_id=resume_run_id, parent_run_id=parent_run_id)
     with tracker:  # any exception below marks the run FAILED (KILLED on Ctrl-C)
         _record_config(tracker, config, out_dir, is_demo, device)

@@ -460,6 +460,45 @@ def reap_dead_runs(uri: str | None, experiment_id: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reuse across pipeline invocations
+
+REUSED_FROM_TAG = "steel_seg.reused_from"
+
+
+def runs_with_config(uri: str | None, experiment: str, config_hash: str, statuses: tuple[str, ...] = ("FINISHED",)) -> list:
+    """Runs of `experiment` with this resolved-config hash and a status in `statuses`, newest
+    first; copies made for reuse are left out (the original is what counts)."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.config_hash = '{config_hash}'",
+        order_by=["attributes.start_time DESC"], max_results=200,
+    )
+    return [r for r in runs if r.info.status in statuses and REUSED_FROM_TAG not in r.data.tags]
+
+
+def copy_run(uri: str | None, source_run_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A FINISHED run under `parent_run_id` with the source run's params, tags and final metrics,
+    tagged as reused from it: an invocation's layout stays complete without retraining."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    source = client.get_run(source_run_id)
+    keep = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
+    run = client.create_run(
+        source.info.experiment_id, run_name=run_name,
+        tags={**keep, **_process_tags(), **tags, MLFLOW_PARENT_RUN_ID: parent_run_id, REUSED_FROM_TAG: source_run_id},
+    )
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    metrics = [Metric(k, v, now, 0) for k, v in source.data.metrics.items()]
+    for start in range(0, max(len(params), len(metrics)), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100], metrics=metrics[start:start + 100])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading back
 
 
