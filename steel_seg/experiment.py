@@ -388,3 +388,53 @@ def _summary(config, final, tta_result, best_epoch, out_dir, tracker, data) -> s
         lines.append(f"MLflow run {tracker.run_id}: {tracker.ui_url()}")
         lines.append(describe_store(tracker.uri, tracker.experiment_id))
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    config: ExperimentConfig,
+    checkpoint: Path,
+    *,
+    progress: bool = True,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> ExperimentResult:
+    """Score a trained checkpoint under `config`'s eval settings (e.g. with or without TTA),
+    recorded as its own run; no training. The pipeline's evaluate-only stages use it.
+
+    `final_<split>_*` are the scores under those settings, so runs that differ only in TTA
+    compare on the same metric names.
+    """
+    from steel_seg.checkpoint import load_weights
+    from steel_seg.evaluation import evaluate
+    from steel_seg.models import build_model
+    from steel_seg.tracking import RunTracker
+    from steel_seg.tta import resolve_views
+
+    check_runnable(config)
+    source = resolve_source(config.data)
+    device = select_device(config.train.device)
+    tracking = config.tracking
+    tracker = RunTracker(tracking.uri, tracking.experiment, config.name, {**tracking.tags, **(tags or {})}, enabled=tracking.enabled)
+    tracker.start(parent_run_id=parent_run_id)
+    out_dir = run_dir(config, None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tracker:
+        _record_config(tracker, config, out_dir, source[1], device)
+        tracker.set_tags({"evaluate_only": "true", "checkpoint": str(checkpoint)})
+        data = prepare_data(config.data, progress=progress, source=source)
+        _record_data(tracker, data)
+        model = build_model(config.model.type, data.num_classes, config.model.backbone, **config.model.kwargs())
+        load_weights(model, checkpoint)
+        split = config.eval.split
+        loader = BatchLoader(data.cache, data.split(split), eval_pipeline(tuple(config.data.size)), _eval_batch(config))
+        result = evaluate(model, loader, data.num_classes, data.class_names, resolve_views(config.eval.tta), config.eval.tta_merge,
+                          progress=progress, desc=f"{config.name} {split}")
+        tracker.log_metrics(_final_metrics(f"final_{split}_", result.scores, data.class_names, result.ms_per_image))
+        (out_dir / "metrics.json").write_text(json.dumps({"split": split, "tta": config.eval.tta, "scores": result.scores,
+                                                          "ms_per_image": result.ms_per_image}, indent=2, default=float))
+        tracker.log_artifact(out_dir / "metrics.json")
+        summary = "\n".join([
+            f"== {config.name}: evaluate {checkpoint.name} on {split}, TTA {config.eval.tta or 'none'}",
+            format_scores(result.scores, data.class_names),
+        ])
+    return ExperimentResult(str(config.name), tracker.run_id, out_dir, result.scores, None, 0, summary)
