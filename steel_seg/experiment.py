@@ -397,6 +397,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> ExperimentResult:
     """Score a trained checkpoint under `config`'s eval settings (e.g. with or without TTA),
     recorded as its own run; no training. The pipeline's evaluate-only stages use it.
@@ -412,6 +413,8 @@ def evaluate_checkpoint(
 
     check_runnable(config)
     source = resolve_source(config.data)
+    if source[1] and config.demo_profile:  # the checkpoint was trained under the same profile
+        config = with_demo_profile(config, overrides)
     device = select_device(config.train.device)
     tracking = config.tracking
     tracker = RunTracker(tracking.uri, tracking.experiment, config.name, {**tracking.tags, **(tags or {})}, enabled=tracking.enabled)

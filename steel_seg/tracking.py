@@ -479,6 +479,11 @@ def runs_with_config(uri: str | None, experiment: str, config_hash: str, statuse
     return [r for r in runs if r.info.status in statuses and REUSED_FROM_TAG not in r.data.tags]
 
 
+def run_metric(uri: str | None, run_id: str, metric: str) -> float | None:
+    """The latest value of `metric` in a run, or None."""
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id).data.metrics.get(metric)
+
+
 def copy_run(uri: str | None, source_run_id: str, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
     """A FINISHED run under `parent_run_id` with the source run's params, tags and final metrics,
     tagged as reused from it: an invocation's layout stays complete without retraining."""

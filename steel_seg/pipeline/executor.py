@@ -1,0 +1,296 @@
+"""Running a pipeline plan: stage by stage, winners feeding later stages, one MLflow tree.
+
+Layout: one parent run per invocation, a child run per stage, a nested run per variant and
+seed. A variant whose resolved config and data already have a FINISHED run is reused (a copy
+tagged `steel_seg.reused_from` keeps the tree complete); a crashed or killed one is resumed
+from its last checkpoint; runs left RUNNING by a dead process are marked KILLED first.
+Independent variants of a stage run in parallel worker processes with `workers > 1`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steel_seg.config import ExperimentConfig, dump_config
+from steel_seg.config.loader import RawConfig
+from steel_seg.pipeline import plan as planning
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    stage: str
+    variant: str
+    seed: int
+    config: ExperimentConfig
+    evaluate_only: bool = False
+    checkpoint_run: str | None = None
+    """For evaluate-only stages: the run whose best checkpoint is scored."""
+
+
+@dataclass
+class VariantOutcome:
+    stage: str
+    variant: str
+    seed: int
+    status: str  # trained | resumed | reused | evaluated | failed | skipped
+    run_id: str | None = None
+    origin_run_id: str | None = None
+    """The run holding the artifacts (checkpoint): for a reused run, the original."""
+    score: float | None = None
+    error: str | None = None
+    config: ExperimentConfig | None = None
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    run_id: str | None
+    outcomes: list[VariantOutcome] = field(default_factory=list)
+    winner: str | None = None
+    resolved: bool = False
+    method: str = ""
+
+    def scores(self) -> dict[str, list[float]]:
+        per: dict[str, list[float]] = {}
+        for o in self.outcomes:
+            if o.score is not None:
+                per.setdefault(o.variant, []).append(o.score)
+        return per
+
+
+@dataclass
+class PipelineOutcome:
+    parent_run_id: str | None
+    experiment_id: str | None
+    stages: list[StageOutcome]
+    tracking_uri: str
+
+    @property
+    def failed(self) -> list[VariantOutcome]:
+        return [o for s in self.stages for o in s.outcomes if o.status in ("failed", "skipped")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs, in this process or in a worker
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def run_job(job_data: dict) -> dict:
+    """Run one variant (train, resume or evaluate); returns a plain dict (crosses processes)."""
+    from steel_seg.config import validate_experiment
+
+    try:
+        if job_data.get("gpu") is not None:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(job_data["gpu"]))
+        config = validate_experiment(RawConfig(job_data["config"]), source=job_data["name"])
+        tags = job_data["tags"]
+        if job_data["evaluate_only"]:
+            from steel_seg.experiment import evaluate_checkpoint
+            from steel_seg.tracking import download_artifact
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = download_artifact(config.tracking.uri, job_data["checkpoint_run"], "checkpoints/best.pdparams", Path(tmp))
+                result = evaluate_checkpoint(config, checkpoint, progress=job_data["progress"],
+                                             parent_run_id=job_data["parent"], tags=tags, overrides=job_data["overrides"])
+        else:
+            from steel_seg.experiment import run_experiment
+
+            result = run_experiment(config, resume=job_data.get("resume"), progress=job_data["progress"],
+                                    parent_run_id=job_data["parent"], overrides=job_data["overrides"], tags=tags)
+        return {"run_id": result.run_id, "scores": {"miou": result.scores["miou"]}, "summary": result.summary}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - reported as this variant's failure; the others go on
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+
+
+class PipelineRunner:
+    def __init__(self, pipeline, *, cli_overrides=(), workers: int = 1, force: bool = False, progress: bool = True):
+        self.pipeline = pipeline
+        self.cli_overrides = list(cli_overrides)
+        self.workers = max(1, workers)
+        self.force = force
+        self.progress = progress and self.workers == 1
+        self.winners: dict[str, tuple[str, dict[int, VariantOutcome]]] = {}
+        self.results: dict[str, dict[str, dict[int, VariantOutcome]]] = {}
+        self._fingerprints: dict[str, str] = {}
+
+    # -- configs -----------------------------------------------------------------------------
+
+    def _reference(self, ref, seed: int) -> VariantOutcome | None:
+        """The outcome a `from:` reference points at for `seed` (a winner, or a fixed variant)."""
+        if ref is None:
+            return None
+        if ref.kind == "best_of":
+            contenders = [self.winners[s] for s in ref.stages if s in self.winners]
+            if len(contenders) != len(ref.stages):
+                return None
+            best = max(contenders, key=lambda w: _mean(o.score for o in w[1].values()))
+            return best[1].get(seed) or next(iter(best[1].values()))
+        by_seed = self.results.get(ref.stages[0], {}).get(ref.variant, {})
+        done = [o for o in by_seed.values() if o.score is not None]
+        return by_seed[seed] if seed in by_seed and by_seed[seed].score is not None else (done[0] if done else None)
+
+    def jobs_for(self, stage) -> tuple[list[Job], list[VariantOutcome]]:
+        jobs, blocked = [], []
+        for variant in stage.variants:
+            ref = variant.from_ or stage.from_
+            for seed in self.pipeline.seeds:
+                base = self._reference(ref, seed)
+                if ref is not None and base is None:
+                    blocked.append(VariantOutcome(stage.name, variant.name, seed, "skipped",
+                                                  error=f"needs {ref.text}, which has no finished run"))
+                    continue
+                config = planning.resolve_variant(self.pipeline, variant, seed, base.config if base else None, self.cli_overrides)
+                checkpoint_run = base.origin_run_id if stage.evaluate_only and base else None
+                jobs.append(Job(stage.name, variant.name, seed, config, stage.evaluate_only, checkpoint_run))
+        return jobs, blocked
+
+    # -- reuse -------------------------------------------------------------------------------
+
+    def _effective(self, config: ExperimentConfig) -> tuple[ExperimentConfig, bool]:
+        from steel_seg.data.prepare import resolve_source
+        from steel_seg.experiment import with_demo_profile
+
+        _, is_demo = resolve_source(config.data)
+        return (with_demo_profile(config, self.cli_overrides) if is_demo and config.demo_profile else config), is_demo
+
+    def _fingerprint(self, config: ExperimentConfig) -> str:
+        from steel_seg.data.prepare import prepare_data
+
+        key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = prepare_data(config.data, progress=self.progress).cache.directory.name
+        return self._fingerprints[key]
+
+    def previous_run(self, job: Job, statuses=("FINISHED",)):
+        """A run of the same resolved config on the same data (and, evaluating, the same
+        checkpoint), or None; always None with `force`."""
+        from steel_seg.experiment import config_hash
+        from steel_seg.tracking import runs_with_config
+
+        if self.force:
+            return None
+        effective, _ = self._effective(job.config)
+        want = {"data_fingerprint": self._fingerprint(effective), "steel_seg.checkpoint_run": job.checkpoint_run or ""}
+        for run in runs_with_config(effective.tracking.uri, effective.tracking.experiment, config_hash(effective), statuses):
+            if all(run.data.tags.get(k, "") == v for k, v in want.items()):
+                return run
+        return None
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _tags(self, job: Job) -> dict[str, str]:
+        return {"steel_seg.role": "variant", "steel_seg.pipeline": self.pipeline.name, "stage": job.stage,
+                "variant": job.variant, "seed": str(job.seed), "steel_seg.checkpoint_run": job.checkpoint_run or ""}
+
+    def _job_data(self, job: Job, parent: str, slot: int, resume: str | None) -> dict:
+        return {
+            "name": job.config.name, "config": job.config.model_dump(mode="json"), "tags": self._tags(job), "parent": parent,
+            "overrides": self.cli_overrides, "progress": self.progress, "evaluate_only": job.evaluate_only,
+            "checkpoint_run": job.checkpoint_run, "resume": resume,
+            "threads": max(1, (os.cpu_count() or 1) // self.workers), "gpu": _gpu_for(slot),
+        }
+
+    def _execute(self, pending: list[tuple[Job, dict]]) -> list[tuple[Job, dict, dict]]:
+        if self.workers == 1 or len(pending) <= 1:
+            return [(job, data, run_job(data)) for job, data in pending]
+        import multiprocessing
+
+        results = []
+        context = multiprocessing.get_context("spawn")  # Paddle does not survive fork
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(pending[0][1]["threads"],)) as pool:
+            futures = {pool.submit(run_job, data): (job, data) for job, data in pending}
+            for future in as_completed(futures):
+                job, data = futures[future]
+                try:
+                    results.append((job, data, future.result()))
+                except Exception as exc:  # noqa: BLE001 - a worker that died is this variant's failure
+                    results.append((job, data, {"error": f"worker process died: {type(exc).__name__}: {exc}"}))
+        return results
+
+    def run_stage(self, stage, stage_tracker) -> StageOutcome:
+        """Run (or reuse) every variant and seed of `stage` under its stage run; decide the winner."""
+        from steel_seg.tracking import copy_run
+
+        outcome = StageOutcome(stage.name, stage_tracker.run_id)
+        jobs, blocked = self.jobs_for(stage)
+        outcome.outcomes += blocked
+        pending = []
+        for slot, job in enumerate(jobs):
+            done = self.previous_run(job)
+            if done is not None:
+                run_id = copy_run(job.config.tracking.uri, done.info.run_id, stage_tracker.run_id, str(job.config.name), self._tags(job))
+                outcome.outcomes.append(VariantOutcome(job.stage, job.variant, job.seed, "reused", run_id, done.info.run_id,
+                                                       done.data.metrics.get(self.pipeline.metric), config=job.config))
+                continue
+            resume = None
+            if not job.evaluate_only:
+                broken = self.previous_run(job, statuses=("FAILED", "KILLED"))
+                out_dir = Path(broken.data.tags.get("output_dir", "")) if broken is not None else None
+                if out_dir is not None and (out_dir / "last.pdckpt").is_file():
+                    resume = str(out_dir)
+            pending.append((job, self._job_data(job, stage_tracker.run_id, slot, resume)))
+        for job, data, result in self._execute(pending):
+            if "error" in result:
+                log.error("%s.%s seed %d failed: %s", job.stage, job.variant, job.seed, result["error"])
+                outcome.outcomes.append(VariantOutcome(job.stage, job.variant, job.seed, "failed", error=result["error"], config=job.config))
+                continue
+            status = "evaluated" if job.evaluate_only else ("resumed" if data["resume"] else "trained")
+            score = _logged_metric(job.config, result["run_id"], self.pipeline.metric)
+            outcome.outcomes.append(VariantOutcome(job.stage, job.variant, job.seed, status, result["run_id"], result["run_id"], score, config=job.config))
+        self._decide(stage, outcome)
+        stage_tracker.set_tags({"winner": outcome.winner or "none", "winner_resolved": str(outcome.resolved).lower()})
+        return outcome
+
+    def _decide(self, stage, outcome: StageOutcome) -> None:
+        from steel_seg.pipeline.stats import stage_verdict
+
+        by_variant: dict[str, dict[int, VariantOutcome]] = {}
+        for o in outcome.outcomes:
+            if o.score is not None:
+                by_variant.setdefault(o.variant, {})[o.seed] = o
+        self.results[stage.name] = by_variant
+        if not by_variant:
+            return
+        verdict = stage_verdict({v: [o.score for o in seeds.values()] for v, seeds in by_variant.items()})
+        outcome.winner, outcome.resolved, outcome.method = verdict.winner, verdict.resolved, verdict.method
+        self.winners[stage.name] = (verdict.winner, by_variant[verdict.winner])
+
+
+def _gpu_for(slot: int) -> int | None:
+    from steel_seg.deploy.backends import paddle_has_gpu
+
+    if not paddle_has_gpu():
+        return None
+    import paddle
+
+    return slot % max(1, paddle.device.cuda.device_count())
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("-inf")
+
+
+def _logged_metric(config, run_id: str, metric: str) -> float | None:
+    from steel_seg.tracking import run_metric
+
+    return run_metric(config.tracking.uri, run_id, metric)
