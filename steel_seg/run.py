@@ -1,9 +1,10 @@
-"""`python -m steel_seg.run CONFIG.yaml`: run one experiment, or every experiment of a pipeline.
+"""`python -m steel_seg.run CONFIG.yaml`: run one experiment, or a staged pipeline of them.
 
     python -m steel_seg.run experiments/unet_dice.yaml --set train.epochs=3
     python -m steel_seg.run experiments/unet_dice.yaml --print-config
     python -m steel_seg.run experiments/unet_dice.yaml --resume
-    python -m steel_seg.run pipeline.yaml
+    python -m steel_seg.run pipeline.yaml --dry-run
+    python -m steel_seg.run pipeline.yaml --profile smoke --workers 2
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="validate the config (and model/loss/augment names) and exit")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR", help="continue from the last checkpoint (latest run of this experiment, or RUN_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    pipeline = parser.add_argument_group("pipelines")
+    pipeline.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, variants, seeds, reuse) and exit")
+    pipeline.add_argument("--workers", type=int, default=1, help="run independent variants in N parallel processes")
+    pipeline.add_argument("--force", action="store_true", help="retrain variants that already have a finished run")
+    pipeline.add_argument("--profile", help="a profile of the pipeline file, e.g. smoke")
     return parser
 
 
@@ -44,30 +50,27 @@ def is_pipeline(path: Path) -> bool:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(data, dict) and "experiments" in data
+    return isinstance(data, dict) and "stages" in data
 
 
-def pipeline_entries(path: Path) -> list[tuple[Path, list[str]]]:
-    """Experiments of a pipeline file: `experiments: [file, {config: file, set: [k=v]}]`."""
-    from steel_seg.config import ConfigError
+def run_pipeline_file(path: Path, args) -> int:
+    from steel_seg.pipeline import plan as planning
+    from steel_seg.pipeline.executor import outcome_text, preview_reuse, run_pipeline
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    unknown = set(data) - {"experiments", "set", "name"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown pipeline key(s) {sorted(unknown)}; expected experiments, set, name")
-    common = list(data.get("set") or [])
-    entries = []
-    for i, item in enumerate(data["experiments"] or []):
-        if isinstance(item, str):
-            entries.append((path.parent / item, common))
-        elif isinstance(item, dict) and "config" in item and set(item) <= {"config", "set"}:
-            entries.append((path.parent / item["config"], common + list(item.get("set") or [])))
-        else:
-            raise ConfigError(f"{path}: experiments[{i}] must be a path or {{config: path, set: [KEY=VALUE]}}, got {item!r}")
-    for file, _ in entries:
-        if not file.is_file():
-            raise ConfigError(f"{path}: experiment file not found: {file}")
-    return entries
+    pipeline = planning.load_pipeline(path, args.overrides, profile=args.profile)
+    planning.check_pipeline(pipeline, args.overrides)  # every variant, before any work starts
+    if args.check:
+        print(f"ok: pipeline {pipeline.name} valid")
+        return 0
+    if args.dry_run:
+        print(planning.dry_run_text(pipeline, preview_reuse(pipeline, args.overrides, force=args.force)))
+        return 0
+    outcome = run_pipeline(pipeline, cli_overrides=args.overrides, workers=args.workers, force=args.force, progress=not args.no_progress)
+    print(outcome_text(outcome))
+    from steel_seg.pipeline.compare import report_after_run
+
+    print(report_after_run(outcome.tracking_uri, outcome.parent_run_id))
+    return 1 if outcome.failed else 0
 
 
 def _stop_on_sigterm() -> None:
@@ -94,25 +97,20 @@ def main(argv: list[str] | None = None) -> int:
 
     path = Path(args.config)
     try:
-        entries = pipeline_entries(path) if is_pipeline(path) else [(path, [])]
-        configs = [load_experiment(file, sets + args.overrides) for file, sets in entries]
+        if is_pipeline(path):
+            if args.resume:
+                raise ConfigError("--resume applies to a single experiment; rerunning a pipeline resumes it")
+            return run_pipeline_file(path, args)
+        config = load_experiment(path, args.overrides)
         if args.print_config:
-            print("\n---\n".join(dump_config(c) for c in configs))
+            print(dump_config(config))
             return 0
-        for config in configs:  # everything is checked before any work starts
-            check_runnable(config)
+        check_runnable(config)  # before any work starts
         if args.check:
-            print(f"ok: {len(configs)} experiment(s) valid")
+            print("ok: experiment valid")
             return 0
-        if args.resume and len(configs) > 1:
-            raise ConfigError("--resume applies to a single experiment, not a pipeline")
-        results = []
-        for config, (_, sets) in zip(configs, entries):
-            result = run_experiment(config, resume=args.resume, progress=not args.no_progress, overrides=sets + args.overrides)
-            print(result.summary)
-            results.append(result)
-        if len(results) > 1:
-            print("\n" + comparison_table(results))
+        result = run_experiment(config, resume=args.resume, progress=not args.no_progress, overrides=args.overrides)
+        print(result.summary)
         return 0
     except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,13 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
-
-
-def comparison_table(results) -> str:
-    lines = [f"{'experiment':<28} {'mIoU':>7} {'kaggle dice':>12} {'best ep':>8}  run"]
-    for r in results:
-        lines.append(f"{r.name:<28} {r.scores['miou']:>7.4f} {r.scores['kaggle_dice']:>12.4f} {r.best_epoch:>8}  {r.run_id or '-'}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -294,3 +294,95 @@ def _logged_metric(config, run_id: str, metric: str) -> float | None:
     from steel_seg.tracking import run_metric
 
     return run_metric(config.tracking.uri, run_id, metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# One invocation
+
+
+def _tracking_of(pipeline, cli_overrides) -> tuple[str, str]:
+    """(tracking uri, experiment) of the pipeline: those of its first variant's config."""
+    from steel_seg.tracking import resolve_tracking_uri
+
+    stage = pipeline.stages[0]
+    config = planning.resolve_variant(pipeline, stage.variants[0], pipeline.seeds[0], None, cli_overrides)
+    return resolve_tracking_uri(config.tracking.uri), config.tracking.experiment
+
+
+def run_pipeline(pipeline, *, cli_overrides=(), workers: int = 1, force: bool = False, progress: bool = True) -> PipelineOutcome:
+    """Run every stage in order under one parent MLflow run; returns what happened to each variant.
+
+    A failing variant is recorded and the rest go on; a stage whose variants all failed leaves
+    the stages that inherit from it skipped, with the reason.
+    """
+    from steel_seg.tracking import RunTracker, reap_dead_runs
+
+    planning.check_pipeline(pipeline, cli_overrides)
+    uri, experiment = _tracking_of(pipeline, cli_overrides)
+    runner = PipelineRunner(pipeline, cli_overrides=cli_overrides, workers=workers, force=force, progress=progress)
+    parent = RunTracker(uri, experiment, pipeline.name, {"steel_seg.role": "pipeline", "steel_seg.pipeline": pipeline.name})
+    parent.start()
+    dead = reap_dead_runs(uri, parent.experiment_id)
+    if dead:
+        log.warning("marked %d run(s) KILLED whose process had died: %s", len(dead), ", ".join(dead))
+    stages: list[StageOutcome] = []
+    with parent:
+        parent.log_dict(planning.summary_dict(pipeline), "pipeline.json")
+        if pipeline.path is not None and Path(pipeline.path).is_file():
+            parent.log_text(Path(pipeline.path).read_text(), "pipeline.yaml")
+        parent.log_params({"pipeline.workers": workers, "pipeline.seeds": json.dumps(pipeline.seeds), "pipeline.metric": pipeline.metric,
+                           "pipeline.overrides": json.dumps(list(cli_overrides))})
+        for stage in pipeline.stages:
+            stage_tracker = RunTracker(uri, experiment, f"{pipeline.name}/{stage.name}",
+                                       {"steel_seg.role": "stage", "steel_seg.pipeline": pipeline.name,
+                                        "stage": stage.name, "stage_index": str(stage.index)})
+            stage_tracker.start(parent_run_id=parent.run_id)
+            with stage_tracker:
+                outcome = runner.run_stage(stage, stage_tracker)
+            stages.append(outcome)
+            log.info("stage %s: winner %s%s", stage.name, outcome.winner, "" if outcome.resolved else " (not resolved)")
+        result = PipelineOutcome(parent.run_id, parent.experiment_id, stages, uri)
+        failed = result.failed
+        parent.set_tags({"failed_variants": str(len(failed))})
+    return result
+
+
+def outcome_text(outcome: PipelineOutcome) -> str:
+    """What ran, what was reused, what failed, and each stage's winner."""
+    lines = []
+    for stage in outcome.stages:
+        verdict = f"winner {stage.winner}" + ("" if stage.resolved else " (not resolved)") if stage.winner else "no winner"
+        lines.append(f"stage {stage.name}: {verdict}")
+        for o in sorted(stage.outcomes, key=lambda o: (o.variant, o.seed)):
+            score = f"{o.score:.4f}" if o.score is not None else "-"
+            extra = f"  {o.error}" if o.error else ""
+            lines.append(f"  {o.variant:<28} seed {o.seed:<3} {o.status:<9} {score:>7}  {o.run_id or ''}{extra}")
+    return "\n".join(lines)
+
+
+def preview_reuse(pipeline, cli_overrides=(), force: bool = False) -> dict[tuple[str, str, int], str]:
+    """(stage, variant, seed) -> FINISHED run that a real invocation would reuse, for --dry-run.
+
+    Stages are followed while every variant is reusable (their stored scores decide the
+    winners); past the first stage that must run, later configs are unknown until run time.
+    """
+    runner = PipelineRunner(pipeline, cli_overrides=cli_overrides, force=force, progress=False)
+    reused: dict[tuple[str, str, int], str] = {}
+    if force:
+        return reused
+    for stage in pipeline.stages:
+        jobs, blocked = runner.jobs_for(stage)
+        if blocked:
+            break
+        outcome = StageOutcome(stage.name, None)
+        for job in jobs:
+            done = runner.previous_run(job)
+            if done is None:
+                continue
+            reused[(job.stage, job.variant, job.seed)] = done.info.run_id
+            outcome.outcomes.append(VariantOutcome(job.stage, job.variant, job.seed, "reused", done.info.run_id, done.info.run_id,
+                                                   done.data.metrics.get(pipeline.metric), config=job.config))
+        if len(outcome.outcomes) < len(jobs):
+            break
+        runner._decide(stage, outcome)
+    return reused
