@@ -34,6 +34,8 @@ from mlflow.utils.mlflow_tags import (
 
 MAX_FAILURE_REASON = 5000
 UI_HOST = "http://127.0.0.1:5000"
+# MLflow 3.17's UI opens experiments on its GenAI page unless the hash carries this.
+TRAINING_VIEW = "?workflowType=machine_learning"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class RunTracker:
     def ui_url(self, host: str = UI_HOST) -> str:
         if not self._run_id:
             return ""
-        return f"{host.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}"
+        return f"{host.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self._run_id}{TRAINING_VIEW}"
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -551,7 +553,7 @@ def describe_store(uri: str | None, experiment_id: str | None = None) -> str:
     if scheme in ("http", "https"):
         return (
             f"MLflow runs are on the tracking server {uri}\n"
-            f"  open {uri.rstrip('/')}/#/experiments/{eid}/runs"
+            f"  open {uri.rstrip('/')}/#/experiments/{eid}/runs{TRAINING_VIEW}"
         )
     db = sqlite_path(uri)
     where = (
@@ -561,9 +563,7 @@ def describe_store(uri: str | None, experiment_id: str | None = None) -> str:
     return (
         f"{where}\n"
         f"  view them: mlflow ui --backend-store-uri {uri}\n"
-        f"  then open {UI_HOST}/#/experiments/{eid}/runs\n"
-        "  (MLflow 3 opens an experiment on its GenAI 'Overview' page; training runs are under "
-        "'Model training', or go straight to the URL above)"
+        f"  then open {UI_HOST}/#/experiments/{eid}/runs{TRAINING_VIEW}"
     )
 
 
@@ -796,3 +796,202 @@ class _GlobalTrackingUri:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = self._env
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading pipeline runs back
+#
+# A pipeline invocation is a parent run (tag steel_seg.role=pipeline, artifact pipeline.json), a
+# child run per stage (role=stage) and a nested run per variant and seed (role=variant). These
+# functions hand that tree to steel_seg.pipeline.compare as plain records, so nothing else needs
+# MLflow's entities, and log the comparison back to the parent run.
+
+from dataclasses import dataclass  # noqa: E402  - this section was added after the imports above
+
+PIPELINE_ROLE_TAG = "steel_seg.role"
+PIPELINE_PLAN_FILE = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What compare needs of one run: identity, status, start time (ms), tags, params, metrics."""
+
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time: int
+    tags: dict
+    params: dict
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    """One pipeline invocation as stored: the parent run, its pipeline.json, stage and variant runs."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+    parent: RunRecord
+    plan: dict
+    stages: list
+    variants: list
+
+
+def read_pipeline(uri: str | None, parent_run_id: str | None = None, experiment: str | None = None) -> PipelineRecord:
+    """The pipeline invocation `parent_run_id`, else the latest one of `experiment`, else the latest
+    in the store. Errors name the pipeline runs and experiments that do exist."""
+    uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    parent = _pipeline_parent(client, uri, parent_run_id, experiment)
+    try:
+        plan = json.loads(_artifact_text(client, parent.info.run_id, PIPELINE_PLAN_FILE))
+    except FileNotFoundError:
+        listing = ", ".join(a.path for a in client.list_artifacts(parent.info.run_id)) or "(none)"
+        raise ValueError(
+            f"pipeline run {parent.info.run_id} has no {PIPELINE_PLAN_FILE} artifact (its artifacts: {listing}); "
+            "was it started by an older steel_seg, or did it crash before writing the plan?"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{PIPELINE_PLAN_FILE} of pipeline run {parent.info.run_id} is not valid JSON: {exc}") from None
+    experiment_id = parent.info.experiment_id
+    stages = _search_all(client, [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    stages = [r for r in stages if r.data.tags.get(PIPELINE_ROLE_TAG) == "stage"]
+    variants = []
+    for stage in stages:
+        children = _search_all(client, [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{stage.info.run_id}'")
+        variants.extend(r for r in children if r.data.tags.get(PIPELINE_ROLE_TAG) == "variant")
+    return PipelineRecord(
+        uri=uri,
+        experiment_id=experiment_id,
+        experiment_name=client.get_experiment(experiment_id).name,
+        parent=_record(parent),
+        plan=plan,
+        stages=[_record(r) for r in stages],
+        variants=[_record(r) for r in variants],
+    )
+
+
+def run_artifact_text(uri: str | None, run_id: str, artifact_file: str) -> str | None:
+    """A run's small text artifact (e.g. labels.txt), or None when the run does not have it."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    try:
+        return _artifact_text(client, run_id, artifact_file)
+    except FileNotFoundError:
+        return None
+
+
+def log_to_run(uri: str | None, run_id: str, texts: dict[str, str] | None = None, figures: dict | None = None) -> None:
+    """Log text artifacts ({path: text}) and matplotlib figures ({path.png: figure}) to a finished
+    run, without reopening it (its status stays as it is); figures are closed after saving."""
+    uri = resolve_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    _existing_run(client, uri, run_id)
+    for artifact_file, text in (texts or {}).items():
+        client.log_text(run_id, text, artifact_file)
+    for artifact_file, figure in (figures or {}).items():
+        try:
+            client.log_figure(run_id, figure, artifact_file)
+        finally:
+            _close_figure(figure)
+
+
+def experiment_runs_url(experiment_id: str, host: str = UI_HOST) -> str:
+    """The experiment's runs table in MLflow 3's training view (not the GenAI overview page)."""
+    return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def compare_runs_url(run_ids: list[str], experiment_ids: list[str], host: str = UI_HOST) -> str:
+    """MLflow's side-by-side comparison of runs (parallel coordinates, params and metrics diff).
+
+    The UI reads `runs` and `experiments` as JSON lists from the query of the hash route and
+    URL-decodes them first (repeatedly), so the lists are sent percent-encoded: the link then has
+    no quotes or brackets for a terminal or Markdown renderer to cut it at.
+    """
+    from urllib.parse import quote
+
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
+    experiments = quote(json.dumps([str(e) for e in experiment_ids], separators=(",", ":")), safe="")
+    return f"{host.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def _pipeline_parent(client: MlflowClient, uri: str, parent_run_id: str | None, experiment: str | None):
+    role = f"tags.`{PIPELINE_ROLE_TAG}` = 'pipeline'"
+    if parent_run_id:
+        try:
+            run = client.get_run(parent_run_id)
+        except MlflowException:
+            raise ValueError(
+                f"MLflow run {parent_run_id!r} is not in {uri}. {_pipeline_listing(client)}"
+            ) from None
+        if run.data.tags.get(PIPELINE_ROLE_TAG) != "pipeline":
+            what = run.data.tags.get(PIPELINE_ROLE_TAG)
+            kind = f"a {what} run of a pipeline" if what else "not a pipeline run (no steel_seg.role tag)"
+            raise ValueError(f"MLflow run {parent_run_id} ({run.info.run_name}) is {kind}. {_pipeline_listing(client)}")
+        return run
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ValueError(f"no MLflow experiment {experiment!r} in {uri}; experiments there: {', '.join(names) or '(none)'}")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiment_ids, role, order_by=["attributes.start_time DESC"], max_results=1) if experiment_ids else []
+    if runs:
+        return runs[0]
+    where = f"experiment {experiment!r}" if experiment else uri
+    raise ValueError(f"no pipeline runs (tag steel_seg.role=pipeline) in {where}. {_pipeline_listing(client)}")
+
+
+def _pipeline_listing(client: MlflowClient, limit: int = 10) -> str:
+    """'Pipeline runs there: …' (newest first), or the experiments when there are none."""
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    runs = client.search_runs(
+        list(experiments), f"tags.`{PIPELINE_ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    ) if experiments else []
+    if not runs:
+        return f"There are no pipeline runs there; experiments: {', '.join(sorted(experiments.values())) or '(none)'}."
+    rows = "; ".join(
+        f"{r.info.run_id} ({r.data.tags.get('steel_seg.pipeline', r.info.run_name)}, experiment "
+        f"{experiments.get(r.info.experiment_id, r.info.experiment_id)!r}, "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.info.start_time / 1000))})"
+        for r in runs
+    )
+    return f"Pipeline runs there, newest first: {rows}."
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _artifact_text(client: MlflowClient, run_id: str, artifact_file: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, artifact_file, tmp)
+        except (MlflowException, OSError):
+            raise FileNotFoundError(f"run {run_id} has no artifact {artifact_file!r}") from None
+        return Path(local).read_text()
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        start_time=int(run.info.start_time or 0),
+        tags=dict(run.data.tags),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )

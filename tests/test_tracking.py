@@ -157,7 +157,7 @@ def test_everything_logged_reads_back(tmp_path, monkeypatch):
     assert run.info.artifact_uri.startswith(artifact_root)
     assert client.get_experiment(tracker.experiment_id).artifact_location.startswith(artifact_root)
     assert not (elsewhere / "mlruns").exists() and not (tmp_path / "mlruns").exists()
-    assert tracker.ui_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    assert tracker.ui_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}?workflowType=machine_learning"
 
 
 def test_missing_artifact_error_lists_what_the_run_has(store):
