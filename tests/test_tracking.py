@@ -77,8 +77,7 @@ def test_describe_store_says_how_to_open_the_ui(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     text = describe_store(uri, experiment_id="7")
     assert f"mlflow ui --backend-store-uri {uri}" in text
-    assert "http://127.0.0.1:5000/#/experiments/7/runs" in text
-    assert "Model training" in text
+    assert "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in text
     assert str(tmp_path / "mlartifacts") in text
     assert "http://tracking:5000/#/experiments/7/runs" in describe_store("http://tracking:5000", "7")
 
