@@ -1,0 +1,1 @@
+"""The ablation study as one pipeline: plan (stages, variants, best_of), executors, and the comparison of results."""
