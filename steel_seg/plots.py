@@ -269,3 +269,71 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
             arr = arr * 255.0
         arr = np.clip(arr, 0, 255).round().astype(np.uint8)
     return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages
+
+
+def stage_bar_chart(
+    names: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float],
+    *,
+    seeds: Sequence[Sequence[float]] | None = None,
+    references: Sequence[float | None] | None = None,
+    winner: str | None = None,
+    resolved: bool = True,
+    title: str = "",
+    ylabel: str = "mIoU (%)",
+) -> Figure:
+    """One bar per variant: mean over seeds with ±1 std error bars, each seed as a dot, and the
+    seed study's published value as a black diamond where given.
+
+    A NaN mean (every run failed, or none yet) leaves a gap marked "no result". The winner's bar
+    is outlined; an unresolved win is said in the title, so the figure is not read as a ranking.
+    """
+    n = len(names)
+    if not (len(means) == len(stds) == n):
+        raise ValueError(f"got {n} names, {len(means)} means and {len(stds)} stds; they must match")
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} lists of seed values for {n} variants")
+    if references is not None and len(references) != n:
+        raise ValueError(f"got {len(references)} reference values for {n} variants")
+
+    fig = _new_figure(figsize=(max(4.5, 1.3 * n + 2.0), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    heights = np.array([_num(m) for m in means])
+    errors = np.array([0.0 if math.isnan(_num(s)) else _num(s) for s in stds])
+    errors[np.isnan(heights)] = np.nan  # no cap drawn at zero for a variant without results
+    colours = [_rgb01(1 + i % (len(CLASS_COLOURS) - 1)) for i in range(n)]
+    bars = ax.bar(x, np.nan_to_num(heights), yerr=errors, capsize=5, color=colours, alpha=0.85,
+                  edgecolor="black", linewidth=0.6, error_kw={"elinewidth": 1.2}, zorder=2)
+    for i, name in enumerate(names):
+        if math.isnan(heights[i]):
+            bars[i].set_visible(False)
+            ax.text(i, 0.5, "no result", ha="center", va="center", fontsize=9, color="dimgrey", transform=ax.get_xaxis_transform())
+        elif name == winner:
+            bars[i].set_linewidth(2.2)
+        if seeds is not None and len(seeds[i]):
+            jitter = np.linspace(-0.12, 0.12, len(seeds[i])) if len(seeds[i]) > 1 else [0.0]
+            ax.scatter(i + np.asarray(jitter), [_num(v) for v in seeds[i]], s=14, color="black", alpha=0.6, zorder=3,
+                       label="single seed" if i == next(k for k, s in enumerate(seeds) if len(s)) else None)
+    if references is not None and any(r is not None for r in references):
+        ref_x = [i for i, r in enumerate(references) if r is not None]
+        ax.scatter(ref_x, [references[i] for i in ref_x], marker="D", s=45, color="black", zorder=4, label="seed study")
+    for i in range(n):
+        if not math.isnan(heights[i]):
+            ax.annotate(f"{heights[i]:.1f}", (i, heights[i] + errors[i]), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
+    long_names = max(map(len, names), default=0) > 10
+    ax.set_xticks(x, names, rotation=25 if long_names else 0, ha="right" if long_names else "center")
+    suffix = "" if winner is None else f" — best: {winner}" + ("" if resolved else " (not resolved)")
+    ax.set(ylabel=ylabel, title=f"{title}{suffix}")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:  # below the axes: inside, it would hide a bar's error bar or a "no result"
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False, fontsize="small")
+    return fig

@@ -902,12 +902,28 @@ def experiment_runs_url(experiment_id: str, host: str = UI_HOST) -> str:
     return f"{host.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def child_runs_url(experiment_id: str, parent_run_id: str, sort_metric: str | None = None, host: str = UI_HOST) -> str:
+    """The runs table filtered to the children of one run (a pipeline stage's variant runs, failed
+    ones included), best `sort_metric` first. `searchFilter`, `orderByKey` and `orderByAsc` are
+    read from the URL by MLflow 3.17's runs page (checked in headless Chromium); which columns
+    show is a per-browser setting that no URL parameter chooses."""
+    from urllib.parse import quote
+
+    search = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    query = "searchFilter=" + quote(search, safe="")
+    if sort_metric:
+        query += "&orderByKey=" + quote(f"metrics.`{sort_metric}`", safe="") + "&orderByAsc=false"
+    return f"{experiment_runs_url(experiment_id, host)}&{query}"
+
+
 def compare_runs_url(run_ids: list[str], experiment_ids: list[str], host: str = UI_HOST) -> str:
     """MLflow's side-by-side comparison of runs (parallel coordinates, params and metrics diff).
 
     The UI reads `runs` and `experiments` as JSON lists from the query of the hash route and
     URL-decodes them first (repeatedly), so the lists are sent percent-encoded: the link then has
-    no quotes or brackets for a terminal or Markdown renderer to cut it at.
+    no quotes or brackets for a terminal or Markdown renderer to cut it at. Those are the only two
+    parameters the page reads: its parallel-coordinates plot starts on the first metric the runs
+    share, and no URL can choose another (child_runs_url sorts by a chosen metric instead).
     """
     from urllib.parse import quote
 
