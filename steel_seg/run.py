@@ -58,14 +58,14 @@ def run_pipeline_file(path: Path, args) -> int:
     from steel_seg.pipeline.executor import outcome_text, preview_reuse, run_pipeline
 
     pipeline = planning.load_pipeline(path, args.overrides, profile=args.profile)
-    planning.check_pipeline(pipeline, args.overrides)  # every variant, before any work starts
+    planning.check_pipeline(pipeline)  # every variant, before any work starts (--set is in pipeline.overrides)
     if args.check:
         print(f"ok: pipeline {pipeline.name} valid")
         return 0
     if args.dry_run:
-        print(planning.dry_run_text(pipeline, preview_reuse(pipeline, args.overrides, force=args.force)))
+        print(planning.dry_run_text(pipeline, preview_reuse(pipeline, force=args.force)))
         return 0
-    outcome = run_pipeline(pipeline, cli_overrides=args.overrides, workers=args.workers, force=args.force, progress=not args.no_progress)
+    outcome = run_pipeline(pipeline, workers=args.workers, force=args.force, progress=not args.no_progress, check=False)
     print(outcome_text(outcome))
     from steel_seg.pipeline.compare import report_after_run
 

@@ -158,6 +158,8 @@ class RunTracker:
         self._client = MlflowClient(tracking_uri=self.uri)
         if resume_run_id:
             self._resume(resume_run_id)
+            if parent_run_id:  # a pipeline rerun finishing a crashed variant: it moves to this invocation
+                self._client.set_tag(resume_run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
         else:
             self._experiment_id = self._experiment_id_for(self.experiment)
             tags = {
@@ -882,12 +884,16 @@ def run_artifact_text(uri: str | None, run_id: str, artifact_file: str) -> str |
         return None
 
 
-def log_to_run(uri: str | None, run_id: str, texts: dict[str, str] | None = None, figures: dict | None = None) -> None:
-    """Log text artifacts ({path: text}) and matplotlib figures ({path.png: figure}) to a finished
-    run, without reopening it (its status stays as it is); figures are closed after saving."""
+def log_to_run(
+    uri: str | None, run_id: str, texts: dict[str, str] | None = None, figures: dict | None = None, tags: dict[str, str] | None = None
+) -> None:
+    """Log text artifacts ({path: text}), matplotlib figures ({path.png: figure}) and tags to a
+    finished run, without reopening it (its status stays as it is); figures are closed after saving."""
     uri = resolve_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     _existing_run(client, uri, run_id)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
     for artifact_file, text in (texts or {}).items():
         client.log_text(run_id, text, artifact_file)
     for artifact_file, figure in (figures or {}).items():

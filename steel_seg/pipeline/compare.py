@@ -708,3 +708,21 @@ def log_results(uri: str | None, parent_run_id: str | None, results: PipelineRes
     texts, figures = result_artifacts(results)
     log_to_run(uri or results.uri, parent_run_id or results.parent_run_id, texts, figures)
     return sorted([*texts, *figures])
+
+
+def report_after_run(uri: str | None, parent_run_id: str, host: str | None = None) -> str:
+    """What `steel_seg.run pipeline.yaml` prints at the end: tables, links and the reproduction
+    report, read back from MLflow as `steel_seg.compare` does; also logged to the parent run, and
+    each stage run is tagged with the link to its comparison."""
+    from steel_seg.tracking import log_to_run
+
+    results = load_results(uri, parent_run_id=parent_run_id)
+    written = log_results(uri, parent_run_id, results)
+    links = stage_links(results, host)
+    for s in results.stages:
+        if s.run_id and s.name in links:
+            log_to_run(results.uri, s.run_id, tags={"compare_url": links[s.name]})
+    return "\n".join([
+        render_terminal(results), render_links(results, host), "", reproduction_report(results), "",
+        f"logged to pipeline run {results.parent_run_id}: {', '.join(written)}",
+    ])

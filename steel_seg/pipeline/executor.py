@@ -30,6 +30,8 @@ class Job:
     variant: str
     seed: int
     config: ExperimentConfig
+    overrides: list[str] = field(default_factory=list)
+    """The settings that win over the config's demo_profile, as `--set` does for one experiment."""
     evaluate_only: bool = False
     checkpoint_run: str | None = None
     """For evaluate-only stages: the run whose best checkpoint is scored."""
@@ -121,9 +123,8 @@ def run_job(job_data: dict) -> dict:
 
 
 class PipelineRunner:
-    def __init__(self, pipeline, *, cli_overrides=(), workers: int = 1, force: bool = False, progress: bool = True):
-        self.pipeline = pipeline
-        self.cli_overrides = list(cli_overrides)
+    def __init__(self, pipeline, *, workers: int = 1, force: bool = False, progress: bool = True):
+        self.pipeline = pipeline  # the command line's --set is in pipeline.overrides
         self.workers = max(1, workers)
         self.force = force
         self.progress = progress and self.workers == 1
@@ -150,33 +151,42 @@ class PipelineRunner:
     def jobs_for(self, stage) -> tuple[list[Job], list[VariantOutcome]]:
         jobs, blocked = [], []
         for variant in stage.variants:
-            ref = variant.from_ or stage.from_
+            ref = variant.from_
             for seed in self.pipeline.seeds:
                 base = self._reference(ref, seed)
                 if ref is not None and base is None:
                     blocked.append(VariantOutcome(stage.name, variant.name, seed, "skipped",
                                                   error=f"needs {ref.text}, which has no finished run"))
                     continue
-                config = planning.resolve_variant(self.pipeline, variant, seed, base.config if base else None, self.cli_overrides)
+                config = planning.resolve_variant(self.pipeline, variant, seed, base.config if base else None)
+                overrides = planning.run_overrides(self.pipeline, variant, seed)
                 checkpoint_run = base.origin_run_id if stage.evaluate_only and base else None
-                jobs.append(Job(stage.name, variant.name, seed, config, stage.evaluate_only, checkpoint_run))
+                jobs.append(Job(stage.name, variant.name, seed, config, overrides, stage.evaluate_only, checkpoint_run))
         return jobs, blocked
 
     # -- reuse -------------------------------------------------------------------------------
 
-    def _effective(self, config: ExperimentConfig) -> tuple[ExperimentConfig, bool]:
+    @staticmethod
+    def _effective(job: Job) -> ExperimentConfig:
+        """The config the run records (and hashes): with its demo_profile merged on demo data."""
         from steel_seg.data.prepare import resolve_source
         from steel_seg.experiment import with_demo_profile
 
-        _, is_demo = resolve_source(config.data)
-        return (with_demo_profile(config, self.cli_overrides) if is_demo and config.demo_profile else config), is_demo
+        _, is_demo = resolve_source(job.config.data)
+        return with_demo_profile(job.config, job.overrides) if is_demo and job.config.demo_profile else job.config
 
-    def _fingerprint(self, config: ExperimentConfig) -> str:
+    def _fingerprint(self, config: ExperimentConfig) -> str | None:
+        """The prepared data's cache key, or None when the data cannot be prepared: that variant
+        then runs and fails inside its own MLflow run, with the reason, and the others go on."""
         from steel_seg.data.prepare import prepare_data
 
         key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
         if key not in self._fingerprints:
-            self._fingerprints[key] = prepare_data(config.data, progress=self.progress).cache.directory.name
+            try:
+                self._fingerprints[key] = prepare_data(config.data, progress=self.progress).cache.directory.name
+            except Exception as exc:  # noqa: BLE001 - reported by the variant's own run
+                log.warning("cannot prepare the data of %s: %s", config.name, exc)
+                self._fingerprints[key] = None
         return self._fingerprints[key]
 
     def previous_run(self, job: Job, statuses=("FINISHED",)):
@@ -187,8 +197,11 @@ class PipelineRunner:
 
         if self.force:
             return None
-        effective, _ = self._effective(job.config)
-        want = {"data_fingerprint": self._fingerprint(effective), "steel_seg.checkpoint_run": job.checkpoint_run or ""}
+        effective = self._effective(job)
+        fingerprint = self._fingerprint(effective)
+        if fingerprint is None:
+            return None
+        want = {"data_fingerprint": fingerprint, "steel_seg.checkpoint_run": job.checkpoint_run or ""}
         for run in runs_with_config(effective.tracking.uri, effective.tracking.experiment, config_hash(effective), statuses):
             if all(run.data.tags.get(k, "") == v for k, v in want.items()):
                 return run
@@ -203,7 +216,7 @@ class PipelineRunner:
     def _job_data(self, job: Job, parent: str, slot: int, resume: str | None) -> dict:
         return {
             "name": job.config.name, "config": job.config.model_dump(mode="json"), "tags": self._tags(job), "parent": parent,
-            "overrides": self.cli_overrides, "progress": self.progress, "evaluate_only": job.evaluate_only,
+            "overrides": job.overrides, "progress": self.progress, "evaluate_only": job.evaluate_only,
             "checkpoint_run": job.checkpoint_run, "resume": resume,
             "threads": max(1, (os.cpu_count() or 1) // self.workers), "gpu": _gpu_for(slot),
         }
@@ -300,16 +313,16 @@ def _logged_metric(config, run_id: str, metric: str) -> float | None:
 # One invocation
 
 
-def _tracking_of(pipeline, cli_overrides) -> tuple[str, str]:
+def _tracking_of(pipeline) -> tuple[str, str]:
     """(tracking uri, experiment) of the pipeline: those of its first variant's config."""
     from steel_seg.tracking import resolve_tracking_uri
 
     stage = pipeline.stages[0]
-    config = planning.resolve_variant(pipeline, stage.variants[0], pipeline.seeds[0], None, cli_overrides)
+    config = planning.resolve_variant(pipeline, stage.variants[0], pipeline.seeds[0])
     return resolve_tracking_uri(config.tracking.uri), config.tracking.experiment
 
 
-def run_pipeline(pipeline, *, cli_overrides=(), workers: int = 1, force: bool = False, progress: bool = True) -> PipelineOutcome:
+def run_pipeline(pipeline, *, workers: int = 1, force: bool = False, progress: bool = True, check: bool = True) -> PipelineOutcome:
     """Run every stage in order under one parent MLflow run; returns what happened to each variant.
 
     A failing variant is recorded and the rest go on; a stage whose variants all failed leaves
@@ -317,9 +330,10 @@ def run_pipeline(pipeline, *, cli_overrides=(), workers: int = 1, force: bool = 
     """
     from steel_seg.tracking import RunTracker, reap_dead_runs
 
-    planning.check_pipeline(pipeline, cli_overrides)
-    uri, experiment = _tracking_of(pipeline, cli_overrides)
-    runner = PipelineRunner(pipeline, cli_overrides=cli_overrides, workers=workers, force=force, progress=progress)
+    if check:  # the CLI has checked already, before its dry run
+        planning.check_pipeline(pipeline)
+    uri, experiment = _tracking_of(pipeline)
+    runner = PipelineRunner(pipeline, workers=workers, force=force, progress=progress)
     parent = RunTracker(uri, experiment, pipeline.name, {"steel_seg.role": "pipeline", "steel_seg.pipeline": pipeline.name})
     parent.start()
     dead = reap_dead_runs(uri, parent.experiment_id)
@@ -331,7 +345,7 @@ def run_pipeline(pipeline, *, cli_overrides=(), workers: int = 1, force: bool = 
         if pipeline.path is not None and Path(pipeline.path).is_file():
             parent.log_text(Path(pipeline.path).read_text(), "pipeline.yaml")
         parent.log_params({"pipeline.workers": workers, "pipeline.seeds": json.dumps(pipeline.seeds), "pipeline.metric": pipeline.metric,
-                           "pipeline.overrides": json.dumps(list(cli_overrides))})
+                           "pipeline.overrides": json.dumps(list(pipeline.overrides))})
         for stage in pipeline.stages:
             stage_tracker = RunTracker(uri, experiment, f"{pipeline.name}/{stage.name}",
                                        {"steel_seg.role": "stage", "steel_seg.pipeline": pipeline.name,
@@ -360,13 +374,13 @@ def outcome_text(outcome: PipelineOutcome) -> str:
     return "\n".join(lines)
 
 
-def preview_reuse(pipeline, cli_overrides=(), force: bool = False) -> dict[tuple[str, str, int], str]:
+def preview_reuse(pipeline, force: bool = False) -> dict[tuple[str, str, int], str]:
     """(stage, variant, seed) -> FINISHED run that a real invocation would reuse, for --dry-run.
 
     Stages are followed while every variant is reusable (their stored scores decide the
     winners); past the first stage that must run, later configs are unknown until run time.
     """
-    runner = PipelineRunner(pipeline, cli_overrides=cli_overrides, force=force, progress=False)
+    runner = PipelineRunner(pipeline, force=force, progress=False)
     reused: dict[tuple[str, str, int], str] = {}
     if force:
         return reused
