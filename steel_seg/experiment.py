@@ -30,6 +30,10 @@ class ExperimentError(ValueError):
     """A config that validated but cannot run (unknown model, loss or view)."""
 
 
+class AlreadyComplete(ExperimentError):
+    """`--resume` of a run that finished every epoch: there is nothing to continue."""
+
+
 @dataclass
 class ExperimentResult:
     name: str
@@ -200,7 +204,9 @@ def run_experiment(
     out_dir = run_dir(config, resume)
     resume_run_id = None
     if resume:
-        resume_run_id = load_training_state(out_dir / "last.pdckpt")["progress"].get("extra", {}).get("run_id")
+        done = load_training_state(out_dir / "last.pdckpt")["progress"]
+        resume_run_id = done.get("extra", {}).get("run_id")
+        _refuse_complete(config, out_dir, done, resume_run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracking = config.tracking
@@ -224,6 +230,21 @@ def run_experiment(
         summary = _summary(config, final, tta, state.best_epoch, out_dir, tracker, data)
     return ExperimentResult(
         str(config.name), tracker.run_id, out_dir, final.scores, None if tta is None else tta.scores, state.best_epoch, summary
+    )
+
+
+def _refuse_complete(config: ExperimentConfig, out_dir: Path, progress: dict, run_id: str | None) -> None:
+    """Resuming a run that trained every epoch and FINISHED would only re-evaluate it: say so."""
+    from steel_seg.tracking import run_status
+
+    if progress.get("epoch", 0) < config.train.epochs or not run_id or not config.tracking.enabled:
+        return
+    if run_status(config.tracking.uri, run_id) != "FINISHED":
+        return  # e.g. crashed in the final evaluation: resuming finishes it
+    raise AlreadyComplete(
+        f"{out_dir} is complete: all {config.train.epochs} epochs trained and MLflow run {run_id} FINISHED; "
+        f"nothing to resume. To train longer: --resume --set train.epochs=N (N > {config.train.epochs}); "
+        f"to score it again: python -m steel_seg.evaluate --run-id {run_id}"
     )
 
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from steel_seg.config import ConfigError, dump_config, load_experiment
     from steel_seg.data.errors import DataError
-    from steel_seg.experiment import ExperimentError, check_runnable, run_experiment
+    from steel_seg.experiment import AlreadyComplete, ExperimentError, check_runnable, run_experiment
 
     path = Path(args.config)
     try:
@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print("ok: experiment valid")
             return 0
-        result = run_experiment(config, resume=args.resume, progress=not args.no_progress, overrides=args.overrides)
+        try:
+            result = run_experiment(config, resume=args.resume, progress=not args.no_progress, overrides=args.overrides)
+        except AlreadyComplete as exc:
+            print(exc)
+            return 0
         print(result.summary)
         return 0
     except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:

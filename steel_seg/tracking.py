@@ -483,6 +483,14 @@ def runs_with_config(uri: str | None, experiment: str, config_hash: str, statuse
     return [r for r in runs if r.info.status in statuses and REUSED_FROM_TAG not in r.data.tags]
 
 
+def run_status(uri: str | None, run_id: str) -> str | None:
+    """FINISHED, FAILED, KILLED or RUNNING; None when the store has no such run."""
+    try:
+        return MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
 def run_metric(uri: str | None, run_id: str, metric: str) -> float | None:
     """The latest value of `metric` in a run, or None."""
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id).data.metrics.get(metric)

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from steel_seg.config import load_experiment
 from steel_seg.data.synthetic import generate_dataset
-from steel_seg.experiment import RecordingEvents, run_experiment
+from steel_seg.experiment import AlreadyComplete, RecordingEvents, run_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +159,12 @@ def test_resume_continues_the_same_run_to_the_same_weights(tmp_path, kaggle_root
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert resumed.scores["miou"] == pytest.approx(straight.scores["miou"])
+
+    # Resuming it again has nothing to do: it says so instead of re-evaluating.
+    with pytest.raises(AlreadyComplete, match=f"complete: all 2 epochs trained and MLflow run {run.info.run_id} FINISHED"):
+        run_experiment(config, resume=True, progress=False)
+    client, again = only_run(interrupted)
+    assert again.info.end_time == run.info.end_time
 
 
 def test_cli_reports_config_errors_before_any_work(tmp_path, kaggle_root):

@@ -65,6 +65,7 @@ def test_malformed_rle_names_csv_row(tiny_kaggle):
     with pytest.raises(BadSampleError) as info:
         folder.label(image_id, (32, 64))
     assert "train.csv:3" in str(info.value) and "odd number of tokens" in str(info.value)
+    assert str(info.value).count("train.csv") == 1  # the file is named once
 
 
 def test_overlapping_classes_are_an_error():

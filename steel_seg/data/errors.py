@@ -11,4 +11,5 @@ class BadSampleError(DataError):
     def __init__(self, path, reason: str):
         self.path = path
         self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        # A reason that already starts with the file (e.g. "train.csv:12 (...)") is not prefixed again.
+        super().__init__(reason if str(reason).startswith(str(path)) else f"{path}: {reason}")
