@@ -29,7 +29,7 @@ CE = [("CrossEntropyLoss", 1.0)]
 CE_LOVASZ = [("CrossEntropyLoss", 0.8), ("LovaszSoftmaxLoss", 0.2)]
 CE_DICE = [("CrossEntropyLoss", 0.8), ("DiceLoss", 0.2)]
 
-# SPEC's table, row by row: the lineage the seed ran (its best_of picks), then
+# The seed study's table (README), row by row: the lineage the seed ran (its best_of picks), then
 # (model, backbone, epochs, augment, loss terms, defect-free images, published mIoU).
 SEED_STUDY = {
     ("baselines.deeplabv3_r50",): ("DeepLabV3", "ResNet50_vd", 10, "flip", CE, False, 0.486),

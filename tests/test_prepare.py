@@ -97,6 +97,22 @@ def test_truncated_jpeg_is_caught_by_the_cache(tmp_path, kaggle_root):
     assert any("img004.jpg" in p for p, _ in data.skipped)
 
 
+def test_jpeg_cut_at_half_its_bytes_is_caught_though_opencv_decodes_it(tmp_path, kaggle_root):
+    import cv2
+    import numpy as np
+
+    path = kaggle_root / "train_images" / "img005.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy: decodes into grey, silently
+    assert cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(BadSampleError, match="img005.jpg: truncated JPEG"):
+        prepare_data(_config(tmp_path / "strict", kaggle_root), progress=False)
+    data = prepare_data(_config(tmp_path / "skip", kaggle_root, on_bad_sample="skip"), progress=False)
+    assert [reason for p, reason in data.skipped if "img005.jpg" in p] == [
+        "truncated JPEG (no end-of-image marker): the file was cut short, e.g. by an interrupted copy"
+    ]
+
+
 def test_missing_root_without_fallback_is_an_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(_config(tmp_path, tmp_path / "nowhere", fallback_to_demo=False), progress=False)

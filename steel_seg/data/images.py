@@ -8,16 +8,20 @@ import cv2
 import numpy as np
 
 from steel_seg.data.errors import BadSampleError
+from steel_seg.data.integrity import head_and_tail, truncation_problem
 from steel_seg.data.paddlex_layout import Sample, read_label_png
 from steel_seg.transforms import Resize
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a missing, empty or undecodable file is a BadSampleError."""
+    """(H, W, 3) uint8 RGB; a missing, empty, truncated or undecodable file is a BadSampleError."""
     if not path.is_file():
         raise BadSampleError(path, "image file not found")
     # imdecode instead of imread: imread cannot tell a missing file from a corrupt one.
     data = np.fromfile(path, dtype=np.uint8)
+    problem = truncation_problem(head_and_tail(data)) if data.size else None
+    if problem:
+        raise BadSampleError(path, problem)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise BadSampleError(path, "unreadable image (empty or not a decodable JPEG/PNG/BMP)")

@@ -1,8 +1,7 @@
 """Decoding input images, refusing files that are cut short.
 
-OpenCV decodes a JPEG truncated after its header into a grey-filled image with only a libjpeg
-warning on stderr, so "it decoded" does not mean "it is whole". We check the end-of-image
-marker (JPEG) and the IEND chunk (PNG) before decoding.
+A file cut short is refused before decoding (steel_seg.data.integrity says why): OpenCV would
+decode it into a grey-filled image without an error.
 """
 
 from __future__ import annotations
@@ -12,11 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from steel_seg.data.integrity import head_and_tail, truncation_problem
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-# Bytes some writers leave after the end marker (padding); still a whole file.
-_TRAILING = b"\x00\r\n \t"
-
 
 class UnreadableImage(ValueError):
     """An input that is not a whole, decodable image; the message names it."""
@@ -26,24 +23,12 @@ class UnreadableImage(ValueError):
         self.name, self.reason = name, reason
 
 
-def truncation_problem(data: bytes) -> str | None:
-    """Why `data` is an incomplete JPEG/PNG, or None if it looks whole (or is another format)."""
-    if data[:3] == b"\xff\xd8\xff":
-        tail = data[-4096:].rstrip(_TRAILING)
-        if not tail.endswith(b"\xff\xd9"):
-            return "truncated JPEG (no end-of-image marker): the file was cut short, e.g. by an interrupted copy"
-    elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        if b"IEND" not in data[-64:]:
-            return "truncated PNG (no IEND chunk): the file was cut short"
-    return None
-
-
 def decode_rgb(data: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
     """(H, W, 3) uint8 RGB from encoded bytes; an incomplete or undecodable file raises."""
     buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buffer.size == 0:
         raise UnreadableImage(name, "empty file")
-    problem = truncation_problem(buffer.tobytes() if buffer.size < 8192 else buffer[:8].tobytes() + buffer[-4096:].tobytes())
+    problem = truncation_problem(head_and_tail(np.ascontiguousarray(buffer)))
     if problem:
         raise UnreadableImage(name, problem)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)

@@ -16,7 +16,7 @@ SPEC_FILE = "deploy.yaml"
 FORMAT_VERSION = 1
 
 # Preference when several backends pass their check and none was measured: the fastest on
-# CPU in our measurements first (SPEC: OpenVINO < oneDNN < ONNX Runtime << plain).
+# CPU in our measurements first (docs/PERFORMANCE.md: OpenVINO < oneDNN < ONNX Runtime << plain).
 CPU_BACKENDS = ("openvino", "onednn", "onnxruntime", "paddle")
 GPU_BACKENDS = ("tensorrt", "gpu")
 ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
