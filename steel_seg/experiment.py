@@ -19,7 +19,7 @@ import numpy as np
 from steel_seg.config import ExperimentConfig, dump_config, validate_experiment
 from steel_seg.config.loader import RawConfig, apply_overrides, deep_merge
 from steel_seg.data.loader import BatchLoader
-from steel_seg.data.prepare import PreparedData, prepare_data, resolve_source
+from steel_seg.data.prepare import PreparedData, prepare_data, require_splits, resolve_source
 from steel_seg.metrics import format_scores
 from steel_seg.transforms import eval_pipeline, train_pipeline
 
@@ -207,6 +207,9 @@ def run_experiment(
         done = load_training_state(out_dir / "last.pdckpt")["progress"]
         resume_run_id = done.get("extra", {}).get("run_id")
         _refuse_complete(config, out_dir, done, resume_run_id)
+    # Data first: an unusable data set is an error before any MLflow run exists.
+    data = prepare_data(config.data, progress=progress, source=(source, is_demo))
+    require_splits(data, _needed_splits(config))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracking = config.tracking
@@ -216,7 +219,6 @@ def run_experiment(
     tracker.start(resume_run_id=resume_run_id, parent_run_id=parent_run_id)
     with tracker:  # any exception below marks the run FAILED (KILLED on Ctrl-C)
         _record_config(tracker, config, out_dir, is_demo, device)
-        data = prepare_data(config.data, progress=progress, source=(source, is_demo))
         _record_data(tracker, data)
         trainer = _build_trainer(config, data, out_dir, tracker, progress, resume=bool(resume))
         state = trainer.fit(resume=bool(resume))
@@ -231,6 +233,12 @@ def run_experiment(
     return ExperimentResult(
         str(config.name), tracker.run_id, out_dir, final.scores, None if tta is None else tta.scores, state.best_epoch, summary
     )
+
+
+def _needed_splits(config: ExperimentConfig) -> dict[str, str]:
+    needs = {"train": "training", "val": "validation after each epoch"}
+    needs.setdefault(config.eval.split, "the final evaluation (eval.split)")
+    return needs
 
 
 def _refuse_complete(config: ExperimentConfig, out_dir: Path, progress: dict, run_id: str | None) -> None:
@@ -437,6 +445,8 @@ def evaluate_checkpoint(
     if source[1] and config.demo_profile:  # the checkpoint was trained under the same profile
         config = with_demo_profile(config, overrides)
     device = select_device(config.train.device)
+    data = prepare_data(config.data, progress=progress, source=source)
+    require_splits(data, {config.eval.split: "the evaluation (eval.split)"})
     tracking = config.tracking
     tracker = RunTracker(tracking.uri, tracking.experiment, config.name, {**tracking.tags, **(tags or {})}, enabled=tracking.enabled)
     tracker.start(parent_run_id=parent_run_id)
@@ -445,7 +455,6 @@ def evaluate_checkpoint(
     with tracker:
         _record_config(tracker, config, out_dir, source[1], device)
         tracker.set_tags({"evaluate_only": "true", "checkpoint": str(checkpoint)})
-        data = prepare_data(config.data, progress=progress, source=source)
         _record_data(tracker, data)
         model = build_model(config.model.type, data.num_classes, config.model.backbone, **config.model.kwargs())
         load_weights(model, checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from steel_seg.config import load_experiment
+from steel_seg.data.errors import DataError
+from steel_seg.data.prepare import prepare_data
 from steel_seg.data.synthetic import generate_dataset
 from steel_seg.experiment import AlreadyComplete, RecordingEvents, run_experiment
 
@@ -89,16 +92,36 @@ def test_run_records_everything_in_mlflow(tmp_path, kaggle_root):
     assert (result.output_dir / "last.pdckpt").is_file() and (result.output_dir / "best.pdparams").is_file()
 
 
-def test_data_error_marks_the_run_failed(tmp_path, kaggle_root):
+def test_data_error_stops_before_any_run_exists(tmp_path, kaggle_root):
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(kaggle_root), str(broken)], check=True)
     bad = sorted((broken / "train_images").iterdir())[3]
     bad.write_bytes(b"garbage")
     with pytest.raises(Exception, match=bad.name):
         run_experiment(load_experiment(write_config(tmp_path, broken)), progress=False)
-    _, run = only_run(tmp_path)
-    assert run.info.status == "FAILED"
-    assert bad.name in run.data.tags["failure_reason"]
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()]
+    )
+
+
+def test_an_empty_validation_split_is_an_error_before_any_run(tmp_path, kaggle_root):
+    seg = prepare_data(load_experiment(write_config(tmp_path, kaggle_root)).data, progress=False).seg.root
+    empty = tmp_path / "seg_no_val"
+    shutil.copytree(seg, empty)
+    (empty / "val_list.txt").write_text("")
+    config = load_experiment(write_config(tmp_path, empty))
+    with pytest.raises(DataError) as info:
+        run_experiment(config, progress=False)
+    message = str(info.value)
+    assert f"{empty / 'val_list.txt'} lists no sample: the val split is empty" in message
+    assert "validation after each epoch" in message and "add `image label` lines" in message
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()]
+    )
+    # The command line says it the same way, without a traceback.
+    out = subprocess.run([sys.executable, "-m", "steel_seg.run", str(tmp_path / "tiny.yaml"), "--no-progress"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "the val split is empty" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, kaggle_root, monkeypatch):

@@ -160,42 +160,47 @@ stages:
     variants:
       a: {config: tiny.yaml}
       b: {config: tiny.yaml, set: [train.learning_rate=0.02]}
+      corrupt_weights: {config: tiny.yaml, set: [model.pretrained=CORRUPT]}
       broken_data: {config: tiny.yaml, set: [data.root=BROKEN]}
   - name: next
     variants:
       after_a: {from: base.a, set: [train.max_steps_per_epoch=1]}
-      after_broken: {from: base.broken_data}
+      after_corrupt: {from: base.corrupt_weights}
 """
-    # A copy of the data with one malformed CSV row: that variant fails inside its run, at data
-    # preparation, while the others train.
+    # Two real failures: pretrained weights that are not a state dict fail inside the run (which
+    # ends FAILED with the reason); a malformed CSV row fails at data preparation, before any run.
+    corrupt = tmp_path / "corrupt.pdparams"
+    corrupt.write_bytes(b"not a pickle" * 10)
     broken = tmp_path / "broken"
     shutil.copytree(kaggle_root, broken)
     rows = (broken / "train.csv").read_text().splitlines()
     image, class_id, _ = rows[1].split(",")
     rows[1] = f"{image},{class_id},5 10 20"
     (broken / "train.csv").write_text("\n".join(rows) + "\n")
-    path = write_study(tmp_path, kaggle_root, text.replace("BROKEN", str(broken)))
+    text = text.replace("BROKEN", str(broken)).replace("CORRUPT", str(corrupt))
+    path = write_study(tmp_path, kaggle_root, text)
     outcome = run_pipeline(load_pipeline(path), workers=2, progress=False)
 
     by_key = {(o.stage, o.variant, o.seed): o for s in outcome.stages for o in s.outcomes}
     for seed in (0, 1):
         assert by_key[("base", "a", seed)].status == "trained"
         assert by_key[("base", "b", seed)].status == "trained"
-        failed = by_key[("base", "broken_data", seed)]
-        assert failed.status == "failed" and "train.csv" in failed.error and "train.csv:2 " in failed.error
+        corrupt_run = by_key[("base", "corrupt_weights", seed)]
+        assert corrupt_run.status == "failed" and "corrupt.pdparams" in corrupt_run.error
+        bad_data = by_key[("base", "broken_data", seed)]
+        assert bad_data.status == "failed" and "train.csv:2 " in bad_data.error and str(broken) in bad_data.error
         assert by_key[("next", "after_a", seed)].status == "trained"
-        skipped = by_key[("next", "after_broken", seed)]
-        assert skipped.status == "skipped" and "base.broken_data" in skipped.error
+        skipped = by_key[("next", "after_corrupt", seed)]
+        assert skipped.status == "skipped" and "base.corrupt_weights" in skipped.error
     assert outcome.stages[0].winner in {"a", "b"}
 
     # Nothing lost: every run the workers wrote is in the store, complete.
     client, experiment_id = client_for(tmp_path)
     variants = client.search_runs([experiment_id], "tags.`steel_seg.role` = 'variant'", max_results=100)
-    assert len(variants) == 8
     finished = [r for r in variants if r.info.status == "FINISHED"]
     failed = [r for r in variants if r.info.status == "FAILED"]
-    assert len(finished) == 6 and len(failed) == 2
-    assert all(r.data.tags["variant"] == "broken_data" and "train.csv" in r.data.tags["failure_reason"] for r in failed)
+    assert len(variants) == 8 and len(finished) == 6 and len(failed) == 2  # broken data: no run at all
+    assert all(r.data.tags["variant"] == "corrupt_weights" and "corrupt.pdparams" in r.data.tags["failure_reason"] for r in failed)
     n_params = {len(r.data.params) for r in finished}
     assert len(n_params) == 1
     for run in finished:

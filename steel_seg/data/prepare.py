@@ -235,3 +235,27 @@ def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None =
         defect_free=defect_free,
         skipped=skipped,
     )
+
+
+def require_splits(data: PreparedData, needs: dict[str, str]) -> None:
+    """Refuse, before any run starts, a split that the run needs and that has no usable sample.
+
+    `needs` maps split -> why it is needed (e.g. {"val": "validation after each epoch"}). The
+    error names the list file and says what to do; for a converted Kaggle folder, that the 7:2:1
+    split of its images with defects left nothing for it.
+    """
+    from steel_seg.data.paddlex_layout import LIST_FILES
+
+    problems = []
+    for split, why in needs.items():
+        if data.split(split):
+            continue
+        listed = len(data.seg.splits.get(split, []))
+        path = data.seg.root / LIST_FILES[split]
+        state = "does not exist" if not path.is_file() else (
+            "lists no sample" if not listed else f"lists {listed} sample(s), all skipped as bad (see the warnings above)")
+        fix = (f"add `image label` lines to it (PaddleX SEG layout)" if data.seg.root.resolve() == data.source.resolve()
+               else f"{data.source} has too few images with defects for data.split's ratios: add images or change data.split")
+        problems.append(f"  - {path} {state}: the {split} split is empty, but it is needed for {why}; {fix}")
+    if problems:
+        raise DataError("the data cannot be used for this run:\n" + "\n".join(problems))
