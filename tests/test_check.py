@@ -26,9 +26,10 @@ def test_check_reports_unreadable_and_mismatched_sizes(tiny_kaggle):
     cv2.imwrite(str(root / "train_images" / "d.jpg"), np.zeros((40, 64, 3), np.uint8))
     report = check_dataset(root, progress=False)
     assert [p for p, _ in report.problems] == [str(root / "train_images" / "f.jpg")]
-    assert report.size_mismatches() == {(64, 40): 1}
-    text = format_report(report)
-    assert "1 image(s) at 64x40" in text and "f.jpg: unreadable image" in text
+    assert report.sizes == {(64, 32): 4, (64, 40): 1}
+    text = format_report(report, size=(64, 32))
+    assert "2 distinct sizes over 5 images" in text and "most common: 64x32 (4), 64x40 (1)" in text
+    assert "f.jpg: unreadable image" in text
 
 
 def test_check_agrees_between_kaggle_and_converted_layout(tiny_kaggle, tmp_path):

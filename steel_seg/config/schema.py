@@ -58,8 +58,21 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     include_defect_free: bool = False
     on_bad_sample: Literal["error", "skip"] = "error"
+    label_map: dict[int, int] = {}
+    """Label values to class ids, e.g. {255: 1} for binary masks stored as 0/255 (255 is 'ignore'
+    otherwise); applied when the cache is built, after `mask_threshold`."""
+    mask_threshold: int | None = Field(None, ge=1, le=255)
+    """For 0/255 masks with soft edges: values >= this become class 1, the rest background."""
     cache: bool = True
     demo: DemoConfig = DemoConfig()
+
+    @field_validator("label_map")
+    @classmethod
+    def _byte_values(cls, value: dict[int, int]) -> dict[int, int]:
+        bad = {k: v for k, v in value.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
+        if bad:
+            raise ValueError(f"label values and class ids are 0..255, got {bad}")
+        return value
 
     @field_validator("size")
     @classmethod

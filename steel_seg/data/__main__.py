@@ -11,9 +11,11 @@ from steel_seg.data.errors import DataError
 
 def _check(args) -> int:
     from steel_seg.data.check import check_dataset, format_report
+    from steel_seg.data.label_values import LabelMapping
 
-    report = check_dataset(args.dataset, progress=not args.quiet)
-    print(format_report(report))
+    mapping = LabelMapping(tuple(sorted(args.label_map.items())), args.mask_threshold)
+    report = check_dataset(args.dataset, progress=not args.quiet, mapping=mapping)
+    print(format_report(report, size=args.size))
     return 1 if report.problems else 0
 
 
@@ -48,6 +50,21 @@ def _demo(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size is WIDTHxHEIGHT, e.g. 400x64; got {text!r}") from None
+    return width, height
+
+
+def _label_map(text: str) -> dict[int, int]:
+    try:
+        return {int(k): int(v) for k, v in (item.split(":") for item in text.split(",") if item)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"label map is VALUE:ID pairs, e.g. 255:1 or 128:1,255:1; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m steel_seg.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="summarise a Kaggle or SEG data set and list problems")
     check.add_argument("dataset", help="Kaggle folder (train.csv + train_images/) or SEG folder")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.add_argument("--size", type=_size, default=(400, 64), metavar="WxH", help="data.size the set will be resized to (default 400x64)")
+    check.add_argument("--label-map", type=_label_map, default={}, metavar="V:ID,...", help="as data.label_map, e.g. 255:1")
+    check.add_argument("--mask-threshold", type=int, default=None, metavar="T", help="as data.mask_threshold, e.g. 128")
     check.set_defaults(func=_check)
 
     convert = sub.add_parser("convert", help="Kaggle folder -> PaddleX SEG layout with a 7:2:1 split")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from steel_seg.data.errors import BadSampleError
 from steel_seg.data.images import read_sample, resize_pair
+from steel_seg.data.label_values import LabelMapping
 from steel_seg.data.paddlex_layout import Sample
 
 CACHE_VERSION = 2  # bump when the stored format or the resizing changes
@@ -40,8 +41,11 @@ def fingerprint_samples(samples: Iterable[Sample]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(samples: list[Sample], size: tuple[int, int], num_classes: int | None = None) -> str:
+def cache_key(samples: list[Sample], size: tuple[int, int], num_classes: int | None = None, label_mapping: LabelMapping | None = None) -> str:
+    mapping = label_mapping.key() if label_mapping else "raw"  # "raw" keeps existing caches valid
     text = f"v{CACHE_VERSION}|{size[0]}x{size[1]}|{num_classes}|{fingerprint_samples(samples)}"
+    if mapping != "raw":
+        text += f"|{mapping}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -90,17 +94,19 @@ def build_cache(
     progress: bool = True,
     on_skip: Callable[[str, str], None] | None = None,
     num_classes: int | None = None,
+    label_mapping: LabelMapping | None = None,
 ) -> ResizedCache:
     """Open the cache for `samples` at `size`, building it first if absent or stale.
 
     A bad image or label raises BadSampleError unless `skip_bad`; skipped files are listed in
     the cache's `skipped` and passed to `on_skip`. With `num_classes`, a label holding an id
     outside 0..num_classes-1 (other than 255, ignore) is a bad sample too: found here, it
-    names the file; found by the loss, it would be a crash mid-epoch. The cache is written in a temporary
+    names the file; found by the loss, it would be a crash mid-epoch. `label_mapping` (from
+    data.label_map / data.mask_threshold) is applied to each full-size label first. The cache is written in a temporary
     directory and renamed into place, so an interrupted build leaves nothing half-written.
     """
     cache_root = Path(cache_root)
-    directory = cache_root / cache_key(samples, size, num_classes)
+    directory = cache_root / cache_key(samples, size, num_classes, label_mapping)
     if (directory / "index.json").is_file():
         return open_cache(directory)
 
@@ -119,7 +125,10 @@ def build_cache(
         bar = tqdm(samples, desc=f"caching {width}x{height}", unit="img", disable=not progress, leave=False)
         for sample in bar:
             try:
-                image, label = resize_pair(*read_sample(sample), size)
+                image, label = read_sample(sample)
+                if label_mapping:  # on the full-size values, before the nearest-neighbour resize
+                    label = label_mapping.apply(label)
+                image, label = resize_pair(image, label, size)
                 if num_classes is not None:
                     check_class_ids(sample, label, num_classes)
             except BadSampleError as exc:
@@ -155,9 +164,11 @@ def check_class_ids(sample: Sample, label: np.ndarray, num_classes: int) -> None
     present = np.unique(label)
     bad = present[(present >= num_classes) & (present != 255)]
     if bad.size:
-        raise BadSampleError(
-            sample.label, f"class id(s) {bad.tolist()} outside 0..{num_classes - 1} (labels.txt lists {num_classes} classes; 255 = ignore)"
-        )
+        shown = bad.tolist() if bad.size <= 8 else f"{bad[:8].tolist()[:-1]} ... {int(bad[-1])} ({bad.size} values)"
+        reason = f"class id(s) {shown} outside 0..{num_classes - 1} (labels.txt lists {num_classes} classes; 255 = ignore)"
+        if 255 in present:  # 0/255 masks with soft edges: say what they are and the fix
+            reason += "; 0, 255 and values in between look like a binary mask with soft edges: set data.mask_threshold: 128"
+        raise BadSampleError(sample.label, reason)
 
 
 def _truncate(path: Path, rows: int) -> None:

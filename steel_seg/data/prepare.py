@@ -14,12 +14,21 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from steel_seg.data import kaggle
 from steel_seg.data.cache import ResizedCache, build_cache
 from steel_seg.data.errors import BadSampleError, DataError
-from steel_seg.data.paddlex_layout import SegDataset, Sample, is_seg_layout, open_seg_dataset, write_seg_dataset
+from steel_seg.data.label_values import LabelMapping
+from steel_seg.data.paddlex_layout import (
+    SegDataset,
+    Sample,
+    is_seg_layout,
+    open_seg_dataset,
+    read_label_png,
+    write_seg_dataset,
+)
 from steel_seg.data.split import stratified_split
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,12 @@ class PreparedData:
     test: list[Sample]
     defect_free: list[Sample]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    label_mapping: LabelMapping = LabelMapping()
+    """data.label_map / data.mask_threshold: apply it to any label read from `seg` directly."""
+
+    def read_label(self, sample: Sample) -> np.ndarray:
+        """A sample's full-size label as training sees it (mapping applied)."""
+        return self.label_mapping.apply(read_label_png(sample.label))
 
     @property
     def class_names(self) -> list[str]:
@@ -217,6 +232,7 @@ def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None =
         skip_bad=data.on_bad_sample == "skip",
         progress=progress,
         num_classes=seg.num_classes,
+        label_mapping=LabelMapping.from_config(data),
     )
     skipped += cache.skipped
     usable = lambda items: [s for s in items if cache.index_of(s) is not None]  # noqa: E731
@@ -234,6 +250,7 @@ def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None =
         test=usable(seg.splits["test"]),
         defect_free=defect_free,
         skipped=skipped,
+        label_mapping=LabelMapping.from_config(data),
     )
 
 

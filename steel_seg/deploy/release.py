@@ -132,7 +132,6 @@ def tune_folder(folder: Path, data, split: str = "val", progress: bool = True) -
     """Search thresholds and minimum areas on `split` (original resolution); write them to deploy.yaml."""
     from tqdm import tqdm
 
-    from steel_seg.data.paddlex_layout import read_label_png
     from steel_seg.deploy.predictor import Predictor
     from steel_seg.deploy.tune import PostprocessTuner
 
@@ -140,7 +139,7 @@ def tune_folder(folder: Path, data, split: str = "val", progress: bool = True) -
     tuner = PostprocessTuner(predictor.spec.num_classes)
     for sample in tqdm(data.split(split), desc=f"tuning post-processing on {split}", disable=not progress):
         (_, probs), = predictor.predict_arrays([read_rgb(sample.image)], return_probs=True)
-        tuner.update(probs, read_label_png(sample.label))
+        tuner.update(probs, data.read_label(sample))
     result = tuner.result()
     spec = read_spec(folder)
     spec.postprocess.thresholds = [float(t) for t in result.thresholds]

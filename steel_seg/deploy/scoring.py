@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from steel_seg.data.paddlex_layout import read_label_png
 from steel_seg.deploy.images import read_rgb
 from steel_seg.deploy.preprocess import normalise
 from steel_seg.metrics import SegmentationEvaluator
@@ -57,5 +56,5 @@ def score_at_original_size(predictor, data, split: str, progress: bool = True) -
         begin = time.perf_counter()
         (mask, _), = predictor.predict_arrays([image])
         seconds += time.perf_counter() - begin
-        evaluator.update(mask, read_label_png(sample.label))
+        evaluator.update(mask, data.read_label(sample))
     return ExportScores(evaluator.result(), len(samples), 1000 * seconds / max(len(samples), 1))
