@@ -84,8 +84,15 @@ class PipelineOutcome:
 # Jobs, in this process or in a worker
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, gpus: int, counter) -> None:
+    """Give each worker process its share of the machine, before it imports Paddle: CPU threads
+    split between workers, or one GPU each (worker i gets GPU i mod count; not tested here: no GPU)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if gpus:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
 
 
 def run_job(job_data: dict) -> dict:
@@ -93,8 +100,6 @@ def run_job(job_data: dict) -> dict:
     from steel_seg.config import validate_experiment
 
     try:
-        if job_data.get("gpu") is not None:
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(job_data["gpu"]))
         config = validate_experiment(RawConfig(job_data["config"]), source=job_data["name"])
         tags = job_data["tags"]
         if job_data["evaluate_only"]:
@@ -213,12 +218,12 @@ class PipelineRunner:
         return {"steel_seg.role": "variant", "steel_seg.pipeline": self.pipeline.name, "stage": job.stage,
                 "variant": job.variant, "seed": str(job.seed), "steel_seg.checkpoint_run": job.checkpoint_run or ""}
 
-    def _job_data(self, job: Job, parent: str, slot: int, resume: str | None) -> dict:
+    def _job_data(self, job: Job, parent: str, resume: str | None) -> dict:
         return {
             "name": job.config.name, "config": job.config.model_dump(mode="json"), "tags": self._tags(job), "parent": parent,
             "overrides": job.overrides, "progress": self.progress, "evaluate_only": job.evaluate_only,
             "checkpoint_run": job.checkpoint_run, "resume": resume,
-            "threads": max(1, (os.cpu_count() or 1) // self.workers), "gpu": _gpu_for(slot),
+            "threads": max(1, (os.cpu_count() or 1) // self.workers),
         }
 
     def _execute(self, pending: list[tuple[Job, dict]]) -> list[tuple[Job, dict, dict]]:
@@ -229,7 +234,7 @@ class PipelineRunner:
         results = []
         context = multiprocessing.get_context("spawn")  # Paddle does not survive fork
         with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(pending[0][1]["threads"],)) as pool:
+                                 initargs=(pending[0][1]["threads"], _gpu_count(), context.Value("i", 0))) as pool:
             futures = {pool.submit(run_job, data): (job, data) for job, data in pending}
             for future in as_completed(futures):
                 job, data = futures[future]
@@ -247,7 +252,7 @@ class PipelineRunner:
         jobs, blocked = self.jobs_for(stage)
         outcome.outcomes += blocked
         pending = []
-        for slot, job in enumerate(jobs):
+        for job in jobs:
             done = self.previous_run(job)
             if done is not None:
                 run_id = copy_run(job.config.tracking.uri, done.info.run_id, stage_tracker.run_id, str(job.config.name), self._tags(job))
@@ -260,7 +265,7 @@ class PipelineRunner:
                 out_dir = Path(broken.data.tags.get("output_dir", "")) if broken is not None else None
                 if out_dir is not None and (out_dir / "last.pdckpt").is_file():
                     resume = str(out_dir)
-            pending.append((job, self._job_data(job, stage_tracker.run_id, slot, resume)))
+            pending.append((job, self._job_data(job, stage_tracker.run_id, resume)))
         for job, data, result in self._execute(pending):
             if "error" in result:
                 log.error("%s.%s seed %d failed: %s", job.stage, job.variant, job.seed, result["error"])
@@ -288,14 +293,15 @@ class PipelineRunner:
         self.winners[stage.name] = (verdict.winner, by_variant[verdict.winner])
 
 
-def _gpu_for(slot: int) -> int | None:
+def _gpu_count() -> int:
+    """GPUs the workers can share (0 on a CPU-only Paddle)."""
     from steel_seg.deploy.backends import paddle_has_gpu
 
     if not paddle_has_gpu():
-        return None
+        return 0
     import paddle
 
-    return slot % max(1, paddle.device.cuda.device_count())
+    return paddle.device.cuda.device_count()
 
 
 def _mean(values) -> float:
