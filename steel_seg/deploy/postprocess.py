@@ -10,10 +10,6 @@ import numbers
 import cv2
 import numpy as np
 
-# OpenCV's limit on channels per Mat (CV_CN_MAX); above it we resize channel by channel.
-_CV_MAX_CHANNELS = 512
-
-
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     """Softmax over `axis` in float32; the max is subtracted first so logits of ~1e3 do not overflow."""
     x = np.asarray(logits, dtype=np.float32)
@@ -24,11 +20,11 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
 
 
 def upsample_probs(probs: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize (C, h, w) probabilities to (C, height, width) with bilinear interpolation.
+    """Resize (C, h, w) probabilities to C-contiguous (C, height, width), bilinear, plane by plane.
 
-    One cv2 call on a channels-last copy is several times faster than a loop over channels, and the
-    result stays a (C, H, W) view of that channels-last memory rather than paying for a transposing
-    copy; `probs_to_mask` handles either layout. Returns `probs` itself when already that size.
+    Measured at 5 x 64x400 -> 1600x256: one cv2.resize per plane takes 0.6 ms, one call on a
+    channels-last copy 1.8 ms; contiguous planes also let `argmax_classes` use OpenCV's SIMD
+    compare/max. Returns `probs` itself when already that size.
     """
     if probs.ndim != 3:
         raise ValueError(f"upsample_probs expects (C, h, w) probabilities, got shape {probs.shape}")
@@ -39,15 +35,9 @@ def upsample_probs(probs: np.ndarray, width: int, height: int) -> np.ndarray:
         return probs
     src = np.asarray(probs, dtype=np.float32)
     size = (int(width), int(height))  # cv2 wants (width, height)
-    if channels <= _CV_MAX_CHANNELS:
-        # No copy when `src` is itself a view of channels-last memory (e.g. from this function).
-        hwc = np.ascontiguousarray(src.transpose(1, 2, 0))
-        resized = cv2.resize(hwc, size, interpolation=cv2.INTER_LINEAR)
-        # cv2 drops a trailing channel axis of length 1.
-        return resized.reshape(size[1], size[0], channels).transpose(2, 0, 1)
     out = np.empty((channels, size[1], size[0]), dtype=np.float32)
     for c in range(channels):
-        cv2.resize(src[c], size, dst=out[c], interpolation=cv2.INTER_LINEAR)
+        cv2.resize(np.ascontiguousarray(src[c]), size, dst=out[c], interpolation=cv2.INTER_LINEAR)
     return out
 
 
@@ -55,8 +45,12 @@ def argmax_classes(probs: np.ndarray) -> np.ndarray:
     """np.argmax(probs, 0) as uint8, bit-identical (ties and NaN included), but faster on (C, H, W).
 
     np.argmax over the outer axis of C-ordered (C, H, W) memory walks with a large stride; a running
-    max with strict `>` visits each plane once and keeps the lowest id on ties. When the class axis
-    is innermost in memory (channels-last views from `upsample_probs`) np.argmax is the faster one.
+    max with strict `>` visits each plane once and keeps the lowest id on ties. On contiguous
+    float planes OpenCV does that chain with SIMD: 0.9 ms for 5 x 1600x256 against 5-6 ms for
+    np.argmax (which dominated the whole predict path of small models). A label only ever grows
+    along the chain (c increases), so "label = c where greater" is max(label, c & mask). When the
+    class axis is innermost in memory np.argmax is the faster one. NaN or inf anywhere (found by
+    one sum) falls back to np.argmax, whose NaN rule the chain does not follow.
     """
     if probs.ndim != 3 or probs.shape[0] < 1:
         raise ValueError(f"expected (C, H, W) probabilities, got shape {probs.shape}")
@@ -64,6 +58,16 @@ def argmax_classes(probs: np.ndarray) -> np.ndarray:
         raise ValueError(f"{probs.shape[0]} classes do not fit uint8 class ids (at most 256)")
     if probs.strides[0] < probs.strides[2]:
         return np.argmax(probs, axis=0).astype(np.uint8)
+    if probs.dtype in (np.float32, np.float64) and probs.flags.c_contiguous and probs.shape[2] > 0:
+        if not np.isfinite(cv2.sumElems(probs.reshape(-1, probs.shape[2]))[0]):
+            return np.argmax(probs, axis=0).astype(np.uint8)
+        best = probs[0].copy()
+        labels = np.zeros(probs.shape[1:], dtype=np.uint8)
+        for c in range(1, probs.shape[0]):
+            greater = cv2.compare(probs[c], best, cv2.CMP_GT)  # 255 where strictly greater
+            cv2.max(labels, cv2.bitwise_and(greater, c), dst=labels)
+            cv2.max(best, probs[c], dst=best)
+        return labels
     best = probs[0].copy()
     labels = np.zeros(probs.shape[1:], dtype=np.uint8)
     greater = np.empty(probs.shape[1:], dtype=bool)
