@@ -19,24 +19,74 @@ def _check(args) -> int:
     return 1 if report.problems else 0
 
 
-def _convert(args) -> int:
-    from steel_seg.data.prepare import convert_kaggle
+SOURCES = ("kaggle", "masks", "labelme")
 
-    out = Path(args.out)
+
+def detect_source(src: Path) -> str:
+    """Which converter a folder needs; a folder that fits two is an error asking for --from."""
+    from steel_seg.data.kaggle import is_kaggle_folder
+    from steel_seg.data.labelme import is_labelme_folder
+    from steel_seg.data.mask_folders import is_mask_folder
+
+    if not src.is_dir():
+        raise DataError(f"{src}: not a folder")
+    if is_kaggle_folder(src):
+        return "kaggle"
+    found = [name for name, fits in (("labelme", is_labelme_folder), ("masks", is_mask_folder)) if fits(src)]
+    if len(found) > 1:
+        raise DataError(
+            f"{src} looks like both a {found[0]} and a {found[1]} folder; pass --from {found[0]} or --from {found[1]}"
+        )
+    if not found:
+        raise DataError(
+            f"{src}: not a known source: a Kaggle folder (train.csv + train_images/), Labelme JSON files "
+            "(*.json with \"shapes\") or a mask folder (images/ + masks/); pass --from if detection is wrong"
+        )
+    return found[0]
+
+
+def class_list(text: str) -> list[str]:
+    """`--classes a,b,c`: defect class names in id order (background, id 0, is implied)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected unique comma-separated names like scratch,pit, got {text!r}")
+    if any(name.lower() in ("background", "_background_") for name in names):
+        raise argparse.ArgumentTypeError("list the defect classes only: background is implied as id 0")
+    return names
+
+
+def _convert(args) -> int:
+    src, out = Path(args.src), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DataError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    source = args.source or detect_source(src)
     skipped: list[tuple[str, str]] = []
-    seg = convert_kaggle(
-        Path(args.kaggle_dir),
-        out,
+    common = dict(
         ratios=tuple(args.ratios),
         seed=args.seed,
         skip_bad=args.skip_bad,
         on_skip=lambda p, r: skipped.append((p, r)),
         progress=not args.quiet,
     )
+    if source == "kaggle":
+        from steel_seg.data.prepare import convert_kaggle
+
+        if args.classes:
+            raise DataError("--classes does not apply to a Kaggle folder: its classes are ClassId 1-4 (defect_1..defect_4)")
+        seg = convert_kaggle(src, out, **common)
+    elif source == "masks":
+        from steel_seg.data.mask_folders import convert_mask_folders
+
+        seg = convert_mask_folders(src, out, args.classes, **common)
+    else:
+        from steel_seg.data.labelme import convert_labelme
+
+        seg = convert_labelme(src, out, args.classes, **common)
     sizes = "  ".join(f"{k}={len(v)}" for k, v in seg.splits.items())
     print(f"wrote SEG layout to {out}: {sizes}")
+    if source != "kaggle" and args.classes is None:
+        names = ", ".join(seg.class_names)
+        print(f"classes (ids 0..{seg.num_classes - 1}): {names}; pass --classes to set names and order")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     return 0
@@ -77,9 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--mask-threshold", type=int, default=None, metavar="T", help="as data.mask_threshold, e.g. 128")
     check.set_defaults(func=_check)
 
-    convert = sub.add_parser("convert", help="Kaggle folder -> PaddleX SEG layout with a 7:2:1 split")
-    convert.add_argument("kaggle_dir")
+    convert = sub.add_parser(
+        "convert", help="Kaggle folder, mask folders or Labelme JSON -> PaddleX SEG layout with a 7:2:1 split"
+    )
+    convert.add_argument("src", help="Kaggle folder, mask folder (images/ + masks/) or folder of Labelme JSON")
     convert.add_argument("out")
+    convert.add_argument("--from", dest="source", choices=SOURCES, help="source format (default: detected)")
+    convert.add_argument(
+        "--classes", type=class_list, metavar="A,B,C",
+        help="defect class names in id order (background is id 0). labelme: the allowed labels (default: the "
+        "labels found, sorted); masks: names of mask values 1.. (default: defect_1..) or the order of the class "
+        "folders (default: sorted)",
+    )
     convert.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.2, 0.1], metavar=("TRAIN", "VAL", "TEST"))
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--skip-bad", action="store_true", help="skip unreadable images / bad masks and report them")
