@@ -15,10 +15,10 @@ import yaml
 
 from deploy_support import ARCHITECTURES, CLASSES, toy_images, trained_weights
 from steel_seg.checkpoint import load_weights
-from steel_seg.deploy.export import MAX_REL_DIFF, MIN_AGREEMENT, ExportError, ModelSource, compare_logits, export_model
+from steel_seg.deploy.export import MAX_REL_DIFF, MIN_AGREEMENT, TIE_MARGIN, ExportError, ModelSource, compare_logits, export_model
 from steel_seg.deploy.predictor import Predictor
 from steel_seg.deploy.preprocess import model_input
-from steel_seg.deploy.spec import Preprocess, read_spec
+from steel_seg.deploy.spec import CPU_BACKENDS, Preprocess, read_spec
 from steel_seg.models import build_model
 from steel_seg.tta import main_logits
 
@@ -59,7 +59,13 @@ def test_every_offered_backend_matches_the_training_time_model(tmp_path, name):
         assert check.max_rel_diff <= MAX_REL_DIFF and check.argmax_agreement >= MIN_AGREEMENT and check.ms_per_image > 0
     if "onnxruntime" not in spec.backends:  # FastSCNN: converted, but refused by ONNX Runtime
         assert spec.rejected["onnxruntime"]
-    assert written.default_backend == min(spec.backends, key=lambda b: spec.backends[b].ms_per_image)
+    # The default is the fastest, or an earlier-preferred backend timed within TIE_MARGIN of it.
+    timings = {b: c.ms_per_image for b, c in written.backends.items()}
+    fastest = min(timings.values())
+    assert timings[written.default_backend] <= fastest * TIE_MARGIN
+    preferred_ties = [b for b in CPU_BACKENDS[: CPU_BACKENDS.index(written.default_backend)]
+                      if b in timings and timings[b] <= fastest * TIE_MARGIN]
+    assert not preferred_ties, (written.default_backend, timings)
     for file in ("model.pdmodel", "model.pdiparams", "deploy.yaml", "README.md", "examples/example.png"):
         assert (tmp_path / "export" / file).is_file(), file
     assert not (tmp_path / "export" / "model.json").exists()  # the legacy program, not PIR
