@@ -128,6 +128,16 @@ def test_class_frequencies_look_like_severstal():
     assert 10 <= free <= 30
 
 
+def test_the_demo_mix_keeps_severstals_order_with_every_class_common():
+    draws = [choose_classes(np.random.default_rng([22, i]), class_mix="moderate") for i in range(2000)]
+    with_defects = [c for c in draws if c]
+    shares = {k: sum(k in c for c in with_defects) / len(with_defects) for k in range(1, 5)}
+    assert shares[3] > max(shares[1], shares[4]) and min(shares[1], shares[4]) > shares[2]
+    assert shares[2] > 0.12, shares  # the rarest class still has enough images to be learned
+    with pytest.raises(ValueError, match="unknown class_mix 'even'"):
+        choose_classes(np.random.default_rng(0), class_mix="even")
+
+
 def test_defaults_are_gray_1600x256_three_channel_jpegs(tmp_path):
     image, labels = render_sample(np.random.default_rng(0))
     assert image.shape == (256, 1600, 3) and image.dtype == np.uint8
@@ -165,7 +175,9 @@ def test_each_class_has_its_own_shape():
     # Pits are small round dots, lines long and thin, scratch patches long, blotches big and round.
     assert area[1] < area[2] < min(area[3], area[4])
     assert elongation[1] < 2 and elongation[4] < 3
-    assert elongation[2] > 2 * elongation[3] > 2 * elongation[4]
+    # Labels are annotator-style regions (a band around each crack), so lines are less thin
+    # than their pixels, but still the most elongated class.
+    assert elongation[2] > 1.2 * elongation[3] and elongation[3] > 1.5 * elongation[4]
 
 
 def _best_threshold_iou(image, labels):

@@ -43,6 +43,10 @@ class DemoConfig(Section):
 
     num_images: int = Field(240, ge=10)
     seed: int = 0
+    class_mix: Literal["moderate", "severstal"] = "moderate"
+    """Which classes the images get: `severstal` as in the real set (class 2 in ~5% of images
+    with defects), `moderate` the same order but every class common enough to be learned in
+    the demo's few minutes of CPU training."""
 
 
 class DataConfig(Section):

@@ -30,6 +30,7 @@ from steel_seg.data.paddlex_layout import (
     write_seg_dataset,
 )
 from steel_seg.data.split import stratified_split
+from steel_seg.data.synthetic import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
 CONVERT_VERSION = 1
@@ -67,22 +68,23 @@ class PreparedData:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def demo_dir(work_dir: Path, num_images: int, seed: int) -> Path:
-    return Path(work_dir) / "demo" / f"severstal_synth_n{num_images}_seed{seed}"
+def demo_dir(work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate") -> Path:
+    name = f"severstal_synth_v{GENERATOR_VERSION}_{class_mix}_n{num_images}_seed{seed}"
+    return Path(work_dir) / "demo" / name
 
 
-def ensure_demo_data(work_dir: Path, num_images: int, seed: int) -> Path:
+def ensure_demo_data(work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate") -> Path:
     """Generate the synthetic Kaggle-format demo data once (atomically) and return its folder."""
     from steel_seg.data.synthetic import generate_dataset
 
-    target = demo_dir(work_dir, num_images, seed)
+    target = demo_dir(work_dir, num_images, seed, class_mix)
     if kaggle.is_kaggle_folder(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".generating-", dir=target.parent))
     try:
         log.info("generating %d synthetic demo images (seed %d) in %s", num_images, seed, target)
-        generate_dataset(tmp, num_images=num_images, seed=seed, progress=True, overwrite=True)
+        generate_dataset(tmp, num_images=num_images, seed=seed, progress=True, overwrite=True, class_mix=class_mix)
         tmp.replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,7 +188,7 @@ def resolve_source(data) -> tuple[Path, bool]:
     """The data folder to use and whether it is the demo; falls back to the demo loudly."""
     if data.root is None:
         log.warning("data.root is not set: using the built-in synthetic demo data")
-        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed), True
+        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed, data.demo.class_mix), True
     root = Path(data.root)
     if not root.exists():
         if not data.fallback_to_demo:
@@ -196,7 +198,7 @@ def resolve_source(data) -> tuple[Path, bool]:
             "Point data.root at a Kaggle Severstal folder to train on real data.",
             root,
         )
-        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed), True
+        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed, data.demo.class_mix), True
     return root, False
 
 
