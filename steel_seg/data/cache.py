@@ -9,6 +9,7 @@ serving stale pixels.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -114,39 +115,29 @@ def build_cache(
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_root))
     try:
         width, height = size
-        images = np.lib.format.open_memmap(
-            tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(samples), height, width, 3)
-        )
-        labels = np.lib.format.open_memmap(
-            tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(len(samples), height, width)
-        )
         names: list[str] = []
         skipped: list[tuple[str, str]] = []
         bar = tqdm(samples, desc=f"caching {width}x{height}", unit="img", disable=not progress, leave=False)
-        for sample in bar:
-            try:
-                image, label = read_sample(sample)
-                if label_mapping:  # on the full-size values, before the nearest-neighbour resize
-                    label = label_mapping.apply(label)
-                image, label = resize_pair(image, label, size)
-                if num_classes is not None:
-                    check_class_ids(sample, label, num_classes)
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                skipped.append((str(exc.path), exc.reason))
-                if on_skip:
-                    on_skip(str(exc.path), exc.reason)
-                continue
-            images[len(names)] = image
-            labels[len(names)] = label
-            names.append(str(sample.image))
-        images.flush()
-        labels.flush()
-        del images, labels
-        if skipped:  # shrink the arrays to the rows actually written
-            _truncate(tmp / "images.npy", len(names))
-            _truncate(tmp / "labels.npy", len(names))
+        with RowWriter(tmp / "images.npy", (len(samples), height, width, 3)) as images, \
+                RowWriter(tmp / "labels.npy", (len(samples), height, width)) as labels:
+            for sample in bar:
+                try:
+                    image, label = read_sample(sample)
+                    if label_mapping:  # on the full-size values, before the nearest-neighbour resize
+                        label = label_mapping.apply(label)
+                    image, label = resize_pair(image, label, size)
+                    if num_classes is not None:
+                        check_class_ids(sample, label, num_classes)
+                except BadSampleError as exc:
+                    if not skip_bad:
+                        raise
+                    skipped.append((str(exc.path), exc.reason))
+                    if on_skip:
+                        on_skip(str(exc.path), exc.reason)
+                    continue
+                images.write(image)
+                labels.write(label)
+                names.append(str(sample.image))
         (tmp / "index.json").write_text(
             json.dumps({"version": CACHE_VERSION, "size": list(size), "names": names, "skipped": skipped})
         )
@@ -171,8 +162,48 @@ def check_class_ids(sample: Sample, label: np.ndarray, num_classes: int) -> None
         raise BadSampleError(sample.label, reason)
 
 
-def _truncate(path: Path, rows: int) -> None:
-    array = np.load(path, mmap_mode="r")
-    kept = np.array(array[:rows])
-    del array
-    np.save(path, kept)
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy header of a C-ordered uint8 array of `shape`."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+class RowWriter:
+    """Writes a uint8 .npy file row by row with plain file writes.
+
+    A writable memory map keeps every written page resident in the building process (at 12k
+    images and 400x64, about 1 GB); written through the file, the pages belong to the OS's
+    cache and the build's memory stays flat. Rows left unwritten (skipped samples) are cut off
+    at the end by rewriting the header's row count (the old way loaded all kept rows to do it).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.row_shape, self.rows = path, tuple(shape[1:]), 0
+        self.header = npy_header(tuple(shape))
+        self.file = path.open("wb")
+        self.file.write(self.header)
+
+    def write(self, row: np.ndarray) -> None:
+        if row.dtype != np.uint8 or row.shape != self.row_shape:
+            raise ValueError(f"{self.path.name}: row of {row.dtype} {row.shape}, expected uint8 {self.row_shape}")
+        self.file.write(np.ascontiguousarray(row).tobytes())
+        self.rows += 1
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.file.close()
+        final = npy_header((self.rows, *self.row_shape))
+        if exc_type is None and final != self.header:
+            self._rewrite_header(final)
+
+    def _rewrite_header(self, final: bytes) -> None:
+        # NumPy pads the header with room for a longer shape (so it can grow in place), so a
+        # smaller row count always fits in the same bytes.
+        if len(final) != len(self.header):
+            raise RuntimeError(f"{self.path}: the .npy header changed length; cannot shrink in place")
+        with self.path.open("r+b") as handle:
+            handle.write(final)
+            handle.truncate(len(final) + self.rows * int(np.prod(self.row_shape)))
