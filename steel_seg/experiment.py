@@ -192,7 +192,7 @@ def run_experiment(
     from steel_seg.tracking import RunTracker
 
     check_runnable(config)
-    source, is_demo = resolve_source(config.data)
+    source, is_demo = resolve_source(config.data, progress)
     if is_demo and config.demo_profile:
         config = with_demo_profile(config, overrides)
         log.warning("demo data: applying demo_profile %s", json.dumps(config.demo_profile))
@@ -441,7 +441,7 @@ def evaluate_checkpoint(
     from steel_seg.tta import resolve_views
 
     check_runnable(config)
-    source = resolve_source(config.data)
+    source = resolve_source(config.data, progress)
     if source[1] and config.demo_profile:  # the checkpoint was trained under the same profile
         config = with_demo_profile(config, overrides)
     device = select_device(config.train.device)

@@ -176,8 +176,8 @@ def test_each_class_has_its_own_shape():
     assert area[1] < area[2] < min(area[3], area[4])
     assert elongation[1] < 2 and elongation[4] < 3
     # Labels are annotator-style regions (a band around each crack), so lines are less thin
-    # than their pixels, but still the most elongated class.
-    assert elongation[2] > 1.2 * elongation[3] and elongation[3] > 1.5 * elongation[4]
+    # than their pixels (and wide enough to survive the demo's 200x32), but still the most elongated class.
+    assert elongation[2] > 1.15 * elongation[3] and elongation[3] > 1.5 * elongation[4]
 
 
 def _best_threshold_iou(image, labels):

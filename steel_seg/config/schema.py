@@ -47,6 +47,9 @@ class DemoConfig(Section):
     """Which classes the images get: `severstal` as in the real set (class 2 in ~5% of images
     with defects), `moderate` the same order but every class common enough to be learned in
     the demo's few minutes of CPU training."""
+    defect_free_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    """Share of images without defects. Below Severstal's ~47% so that more of the demo's
+    images train (defect-free ones only do with data.include_defect_free)."""
 
 
 class DataConfig(Section):

@@ -96,7 +96,8 @@ def _demo(args) -> int:
     from steel_seg.data.synthetic import generate_dataset
 
     out = generate_dataset(Path(args.out), num_images=args.num_images, seed=args.seed, progress=not args.quiet,
-                           overwrite=args.overwrite, class_mix=args.class_mix)
+                           overwrite=args.overwrite, class_mix=args.class_mix,
+                           defect_free_fraction=args.defect_free_fraction)
     print(f"wrote {args.num_images} synthetic images to {out} (train.csv + train_images/)")
     return 0
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--class-mix", choices=["moderate", "severstal"], default="moderate",
                       help="severstal: the real set's class shares (class 2 in ~5%% of defect images); "
                            "moderate (the demo's): same order, every class learnable in minutes")
+    demo.add_argument("--defect-free-fraction", type=float, default=0.3,
+                      help="share of images without defects (the demo's 0.3; Severstal has ~0.47)")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_demo)

@@ -68,23 +68,29 @@ class PreparedData:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def demo_dir(work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate") -> Path:
-    name = f"severstal_synth_v{GENERATOR_VERSION}_{class_mix}_n{num_images}_seed{seed}"
+def demo_dir(work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate", defect_free_fraction: float = 0.3) -> Path:
+    free = f"{defect_free_fraction:.3f}".rstrip("0").rstrip(".")
+    name = f"severstal_synth_v{GENERATOR_VERSION}_{class_mix}_free{free}_n{num_images}_seed{seed}"
     return Path(work_dir) / "demo" / name
 
 
-def ensure_demo_data(work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate") -> Path:
+def ensure_demo_data(
+    work_dir: Path, num_images: int, seed: int, class_mix: str = "moderate", defect_free_fraction: float = 0.3, progress: bool = True
+) -> Path:
     """Generate the synthetic Kaggle-format demo data once (atomically) and return its folder."""
     from steel_seg.data.synthetic import generate_dataset
 
-    target = demo_dir(work_dir, num_images, seed, class_mix)
+    target = demo_dir(work_dir, num_images, seed, class_mix, defect_free_fraction)
     if kaggle.is_kaggle_folder(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".generating-", dir=target.parent))
     try:
         log.info("generating %d synthetic demo images (seed %d) in %s", num_images, seed, target)
-        generate_dataset(tmp, num_images=num_images, seed=seed, progress=True, overwrite=True, class_mix=class_mix)
+        generate_dataset(
+            tmp, num_images=num_images, seed=seed, defect_free_fraction=defect_free_fraction,
+            progress=progress, overwrite=True, class_mix=class_mix,
+        )
         tmp.replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,11 +190,16 @@ def _converted(kaggle_root: Path, work_dir: Path, ratios, seed: int, skip_bad: b
     return open_seg_dataset(target)
 
 
-def resolve_source(data) -> tuple[Path, bool]:
+def _demo(data, progress: bool) -> Path:
+    demo = data.demo
+    return ensure_demo_data(data.work_dir, demo.num_images, demo.seed, demo.class_mix, demo.defect_free_fraction, progress)
+
+
+def resolve_source(data, progress: bool = True) -> tuple[Path, bool]:
     """The data folder to use and whether it is the demo; falls back to the demo loudly."""
     if data.root is None:
         log.warning("data.root is not set: using the built-in synthetic demo data")
-        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed, data.demo.class_mix), True
+        return _demo(data, progress), True
     root = Path(data.root)
     if not root.exists():
         if not data.fallback_to_demo:
@@ -198,7 +209,7 @@ def resolve_source(data) -> tuple[Path, bool]:
             "Point data.root at a Kaggle Severstal folder to train on real data.",
             root,
         )
-        return ensure_demo_data(data.work_dir, data.demo.num_images, data.demo.seed, data.demo.class_mix), True
+        return _demo(data, progress), True
     return root, False
 
 

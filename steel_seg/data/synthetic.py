@@ -24,7 +24,7 @@ DEFECT_CLASSES = (1, 2, 3, 4)
 # enough images to be learned by a few minutes of CPU training: the demo's mix.
 CLASS_MIXES: dict[str, tuple[tuple[float, ...], float]] = {
     "severstal": ((0.125, 0.04, 0.72, 0.115), 0.06),
-    "moderate": ((0.24, 0.16, 0.40, 0.20), 0.15),
+    "moderate": ((0.22, 0.19, 0.37, 0.22), 0.15),
 }
 PRIMARY_CLASS_WEIGHTS = np.array(CLASS_MIXES["severstal"][0])
 SECOND_CLASS_PROBABILITY = CLASS_MIXES["severstal"][1]
@@ -210,14 +210,15 @@ def _lines(rng, surface, rolling) -> tuple[np.ndarray, np.ndarray]:
     base_angle = rng.uniform(-0.7, 0.7)  # radians from vertical
     value = -rng.uniform(30, 50) if rng.random() < 0.8 else rng.uniform(25, 40)
     for _ in range(rng.integers(1, 4)):
-        length = rng.uniform(70, 260) * scale
+        length = rng.uniform(90, 300) * scale
         steps = 8
         angles = base_angle + rng.uniform(-0.15, 0.15) + np.cumsum(rng.normal(0, 0.08, steps))
         step = length / steps
         xy = np.cumsum(np.stack([np.sin(angles), np.cos(angles)], axis=1) * step, axis=0)
         start = origin + rng.normal(0, 12, 2) * scale - xy[steps // 2]
         points = np.vstack([start, start + xy])
-        thickness = max(1, int(round(rng.uniform(3, 6) * scale)))
+        # 8-12 px at full size: still a thin crack, but a pixel or more wide at the demo's 200x32.
+        thickness = max(1, int(round(rng.uniform(8, 12) * scale)))
         cv2.polylines(layer, [np.round(points).astype(np.int32)], False, value, thickness)
     layer = cv2.GaussianBlur(layer, (0, 0), 0.6 * max(scale, 0.5))
     delta, altered = _support(layer, 3.0)
@@ -242,7 +243,7 @@ def _scratches(rng, surface, rolling) -> tuple[np.ndarray, np.ndarray]:
     across = -np.sin(angle) * x + np.cos(angle) * y
     along = np.cos(angle) * x + np.sin(angle) * y
     offset = across - across.min()
-    period = rng.uniform(4, 10) * max(scale, 0.4)
+    period = rng.uniform(10, 20) * max(scale, 0.4)  # coarse enough to survive the demo's 8x downsizing
     count = int(offset.max() / (0.5 * period)) + 2
     # Irregular spacing and widths: machined-looking regular stripes would be too easy.
     edges = np.concatenate([[0.0], np.cumsum(rng.uniform(0.5, 1.5, count) * period)])
