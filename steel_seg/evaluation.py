@@ -36,11 +36,13 @@ def evaluate(
     keep_examples: int = 0,
     progress: bool = True,
     desc: str = "eval",
+    combine=None,
 ) -> EvalResult:
     """Metrics over the whole loader (confusion matrix accumulated over all batches).
 
     Keeps the predictions of the first `keep_examples` images that contain defects (or any
-    images, if too few do) for overlays.
+    images, if too few do) for overlays. `combine(evaluator)`, when given, adds in what other
+    processes counted on their shards of the set (data-parallel validation).
     """
     was_training = model.training
     model.eval()
@@ -63,5 +65,8 @@ def evaluate(
                     target.append((row, p.astype(np.uint8)))
     finally:
         model.train(was_training)
+    if combine is not None:
+        combine(evaluator)
+        count = evaluator.num_images
     examples = (examples + spare)[:keep_examples]
     return EvalResult(evaluator.result(), seconds, count, examples)

@@ -188,40 +188,57 @@ def run_experiment(
     `overrides` are the command line's `--set` values, which also win over `demo_profile`.
     `tags` are added to the run's tags (the pipeline's stage, variant and seed).
     """
+    from steel_seg import distributed
     from steel_seg.checkpoint import load_training_state, load_weights
     from steel_seg.tracking import RunTracker
 
+    world = distributed.init_world()  # one process unless started by paddle.distributed.launch
     check_runnable(config)
     source, is_demo = resolve_source(config.data, progress)
     if is_demo and config.demo_profile:
         config = with_demo_profile(config, overrides)
-        log.warning("demo data: applying demo_profile %s", json.dumps(config.demo_profile))
+        if world.is_main:
+            log.warning("demo data: applying demo_profile %s", json.dumps(config.demo_profile))
         check_runnable(config)
+    check_parallel(config, world)
     device = select_device(config.train.device)
-    if config.train.amp and device != "gpu":
+    if config.train.amp and device != "gpu" and world.is_main:
         log.warning("train.amp is on but the device is %s: training in float32", device)
 
-    out_dir = run_dir(config, resume)
-    resume_run_id = None
-    if resume:
-        done = load_training_state(out_dir / "last.pdckpt")["progress"]
-        resume_run_id = done.get("extra", {}).get("run_id")
-        _refuse_complete(config, out_dir, done, resume_run_id)
+    def output_folder():
+        out_dir, resume_run_id = run_dir(config, resume), None
+        if resume:
+            done = load_training_state(out_dir / "last.pdckpt")["progress"]
+            resume_run_id = done.get("extra", {}).get("run_id")
+            _refuse_complete(config, out_dir, done, resume_run_id)
+        return out_dir, resume_run_id
+
+    out_dir, resume_run_id = distributed.main_decides(world, output_folder)  # one folder, one run
     # Data first: an unusable data set is an error before any MLflow run exists.
-    data = prepare_data(config.data, progress=progress, source=(source, is_demo))
+    data = distributed.in_turn(world, lambda: prepare_data(config.data, progress=progress and world.is_main, source=(source, is_demo)))
     require_splits(data, _needed_splits(config))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(data.train) < world.size:
+        raise ExperimentError(f"the training split has {len(data.train)} image(s), fewer than the {world.size} processes")
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     tracking = config.tracking
-    tracker = RunTracker(
-        tracking.uri, tracking.experiment, tracking.run_name or config.name, {**tracking.tags, **(tags or {})}, enabled=tracking.enabled
+    tracker = RunTracker(  # rank 0 alone talks to MLflow: one run, not one per process
+        tracking.uri, tracking.experiment, tracking.run_name or config.name, {**tracking.tags, **(tags or {})},
+        enabled=tracking.enabled and world.is_main,
     )
     tracker.start(resume_run_id=resume_run_id, parent_run_id=parent_run_id)
+    distributed.guard_run(tracker.uri, tracker.run_id, world)  # FAILED even if rank 0 is killed
     with tracker:  # any exception below marks the run FAILED (KILLED on Ctrl-C)
-        _record_config(tracker, config, out_dir, is_demo, device)
+        if world.is_main:
+            _record_config(tracker, config, out_dir, is_demo, device)
+            tracker.set_tags({"world_size": world.size})
         _record_data(tracker, data)
-        trainer = _build_trainer(config, data, out_dir, tracker, progress, resume=bool(resume))
+        trainer = _build_trainer(config, data, out_dir, tracker, progress, resume=bool(resume), world=world, device=device)
         state = trainer.fit(resume=bool(resume))
+        if not world.is_main:  # rank 0 evaluates the best model and records the results
+            return ExperimentResult(str(config.name), None, out_dir, {}, None, state.best_epoch,
+                                    f"rank {world.rank} of {world.size}: training done; rank 0 records the run")
 
         if trainer.best_path.is_file():
             load_weights(trainer.model, trainer.best_path)
@@ -233,6 +250,15 @@ def run_experiment(
     return ExperimentResult(
         str(config.name), tracker.run_id, out_dir, final.scores, None if tta is None else tta.scores, state.best_epoch, summary
     )
+
+
+def check_parallel(config: ExperimentConfig, world) -> None:
+    """`train.batch_size` is the global batch: it must split evenly over the processes."""
+    if config.train.batch_size % world.size:
+        raise ExperimentError(
+            f"config {config.name}: train.batch_size {config.train.batch_size} is the global batch and must divide "
+            f"evenly over the {world.size} processes (e.g. {world.size * max(1, config.train.batch_size // world.size)})"
+        )
 
 
 def _needed_splits(config: ExperimentConfig) -> dict[str, str]:
@@ -298,8 +324,11 @@ def _record_data(tracker, data: PreparedData) -> None:
         tracker.log_artifact(sample.image, SAMPLES_DIR)
 
 
-def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, tracker, progress: bool, resume: bool):
+def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, tracker, progress: bool, resume: bool,
+                   world=None, device: str = "cpu"):
     import paddle
+
+    from steel_seg.distributed import SINGLE, wrap_model
 
     from steel_seg.losses import build_loss
     from steel_seg.models import build_model, load_pretrained
@@ -314,13 +343,16 @@ def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, 
     loss_fn = build_loss(
         [(n, w, {"weight": class_weights}) if n == "CrossEntropyLoss" and class_weights else (n, w) for n, w in config.loss.terms()]
     )
+    world = world or SINGLE
+    shard = (world.rank, world.size)  # each process gets its part of every (global) batch
     train, size = config.train, tuple(config.data.size)
     train_loader = BatchLoader(
         data.cache, data.train, train_pipeline(config.augment, size), train.batch_size,
         shuffle=True, drop_last=len(data.train) >= train.batch_size, seed=train.seed,
-        num_workers=train.num_workers, max_batches=train.max_steps_per_epoch,
+        num_workers=train.num_workers, max_batches=train.max_steps_per_epoch, shard=shard,
     )
-    val_loader = BatchLoader(data.cache, data.val, eval_pipeline(size), _eval_batch(config), num_workers=train.num_workers)
+    val_loader = BatchLoader(data.cache, data.val, eval_pipeline(size), _eval_batch(config), num_workers=train.num_workers, shard=shard)
+    model, network = wrap_model(model, world, train.sync_bn, device)
     settings = TrainSettings(
         epochs=train.epochs, learning_rate=train.learning_rate, momentum=train.momentum,
         weight_decay=train.weight_decay, lr_power=train.lr_power, end_lr=train.end_lr,
@@ -329,7 +361,7 @@ def _build_trainer(config: ExperimentConfig, data: PreparedData, out_dir: Path, 
     trainer = Trainer(
         model, loss_fn, train_loader, val_loader, settings, out_dir,
         num_classes=data.num_classes, class_names=data.class_names, aux_weights=config.loss.aux_weights,
-        events=RecordingEvents(tracker, data.class_names), progress_bars=progress,
+        events=RecordingEvents(tracker, data.class_names), progress_bars=progress, world=world, network=network,
     )
     trainer.progress.extra["run_id"] = tracker.run_id  # so --resume continues this run
     return trainer

@@ -293,6 +293,27 @@ class SegmentationEvaluator:
         self._det_fn += fn
         self._num_images += pred.shape[0]
 
+    @property
+    def num_images(self) -> int:
+        return self._num_images
+
+    def state(self) -> dict:
+        """The accumulated counts (to combine evaluators that saw disjoint parts of a set)."""
+        dice = np.concatenate(self._dice, axis=0) if self._dice else np.zeros((0, self.num_classes - 1))
+        return {"cm": self._cm.copy(), "dice": dice, "det_tp": self._det_tp.copy(), "det_fp": self._det_fp.copy(),
+                "det_fn": self._det_fn.copy(), "num_images": self._num_images}
+
+    def merge(self, state: dict) -> None:
+        """Add another evaluator's `state()`: confusion matrices and counts are summed, so the
+        scores are those of one evaluator that saw both parts (not an average of two mIoUs)."""
+        self._cm += state["cm"]
+        if len(state["dice"]):
+            self._dice.append(np.asarray(state["dice"]))
+        self._det_tp += state["det_tp"]
+        self._det_fp += state["det_fp"]
+        self._det_fn += state["det_fn"]
+        self._num_images += state["num_images"]
+
     def result(self) -> dict:
         """All scores over everything seen since the last reset, as JSON-serialisable values."""
         out = segmentation_scores(self._cm)

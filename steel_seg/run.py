@@ -3,6 +3,7 @@
     python -m steel_seg.run experiments/unet_dice.yaml --set train.epochs=3
     python -m steel_seg.run experiments/unet_dice.yaml --print-config
     python -m steel_seg.run experiments/unet_dice.yaml --resume
+    python -m steel_seg.run experiments/unet_dice.yaml --nproc 2        # data-parallel, 2 processes
     python -m steel_seg.run pipeline.yaml --dry-run
     python -m steel_seg.run pipeline.yaml --profile smoke --workers 2
 """
@@ -24,7 +25,8 @@ def _quiet_third_party() -> None:
     # Paddle warns about ccache on import and PaddleSeg logs every model it builds.
     warnings.filterwarnings("ignore", message=".*ccache.*")
     warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # measured faster on CPU
+    # Measured faster on CPU. (paddle.distributed.launch sets 1 for each rank unless it is set.)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     # MLflow draws a progress bar for every artifact download, even of one small file.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="validate the config (and model/loss/augment names) and exit")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR", help="continue from the last checkpoint (latest run of this experiment, or RUN_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parallel = parser.add_argument_group("data-parallel training (one experiment)")
+    parallel.add_argument("--nproc", type=int, default=None, metavar="N",
+                          help="train on N processes of this machine (GPUs, or CPU processes over gloo) through "
+                               "paddle.distributed.launch; train.batch_size is the global batch")
+    parallel.add_argument("--log-dir", default="log", help="where the launcher writes each process's output (workerlog.N)")
     pipeline = parser.add_argument_group("pipelines")
     pipeline.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, variants, seeds, reuse) and exit")
     pipeline.add_argument("--workers", type=int, default=1, help="run independent variants in N parallel processes")
@@ -73,10 +80,61 @@ def run_pipeline_file(path: Path, args) -> int:
     return 1 if outcome.failed else 0
 
 
+def _launch(argv: list[str], args) -> int:
+    """`--nproc N`: check the config here, then start N ranks through Paddle's launcher."""
+    from steel_seg.config import ConfigError, dump_config, load_experiment
+    from steel_seg.distributed import launch
+
+    if args.nproc < 1:
+        print("error: --nproc must be 1 or more", file=sys.stderr)
+        return 2
+    if is_pipeline(Path(args.config)):
+        print("error: --nproc trains one experiment on several processes; a pipeline runs its variants with "
+              "--workers N (this machine) or --executor ray (a cluster)", file=sys.stderr)
+        return 2
+    from steel_seg.distributed import World
+    from steel_seg.experiment import ExperimentError, check_parallel, check_runnable
+
+    try:  # a typo fails here, not in N processes
+        config = load_experiment(Path(args.config), args.overrides)
+        check_runnable(config)
+        check_parallel(config, World(0, args.nproc))
+    except (ConfigError, ExperimentError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check or args.print_config:
+        print("ok: experiment valid" if args.check else dump_config(config))
+        return 0
+    rest = _without_option(argv, "--nproc")
+    return launch(_without_option(rest, "--log-dir"), args.nproc, args.log_dir)
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv without `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
 def _stop_on_sigterm() -> None:
-    """A job scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, checkpoint kept."""
+    """A job scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, checkpoint kept.
+
+    In a data-parallel job SIGTERM comes from paddle.distributed.launch stopping the ranks
+    after one failed: that is a failure of the run (FAILED), not an interruption.
+    """
+    from steel_seg.distributed import launched_world, stopped_by_launcher
+
+    world = launched_world()
 
     def stop(signum, frame):
+        if world.parallel:
+            raise stopped_by_launcher(world)
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, stop)
@@ -84,7 +142,10 @@ def _stop_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.nproc is not None:
+        return _launch(argv, args)
     import paddle  # noqa: F401  - Paddle installs its own SIGTERM handler on import; ours goes after
 
     _stop_on_sigterm()
@@ -93,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from steel_seg.config import ConfigError, dump_config, load_experiment
     from steel_seg.data.errors import DataError
+    from steel_seg.distributed import RankFailure
     from steel_seg.experiment import AlreadyComplete, ExperimentError, check_runnable, run_experiment
 
     path = Path(args.config)
@@ -119,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RankFailure as exc:
+        print(f"error: {exc}; the MLflow run is marked FAILED", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the MLflow run is marked KILLED; continue it with --resume", file=sys.stderr)
         return 130

@@ -452,6 +452,18 @@ def mark_dead(client: MlflowClient, run) -> None:
     client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def fail_unfinished_run(uri: str | None, run_id: str, reason: str) -> bool:
+    """End a run still RUNNING as FAILED with `reason` (its process died before it could);
+    returns whether it had to. A finished, failed or killed run is left as it is."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "failure_reason", reason[:MAX_FAILURE_REASON])
+    client.set_terminated(run_id, status="FAILED")
+    return True
+
+
 def reap_dead_runs(uri: str | None, experiment_id: str) -> list[str]:
     """Mark RUNNING runs of this host whose process is gone as KILLED; returns their ids."""
     client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))

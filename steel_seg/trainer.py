@@ -1,7 +1,8 @@
 """The training loop: Momentum + polynomial decay, periodic validation, best/last checkpoints.
 
 The trainer knows models, losses and batches, not YAML or MLflow: it reports what happens to
-an `events` object (see TrainingEvents), and the experiment decides what to record.
+an `events` object (see TrainingEvents), and the experiment decides what to record. In a
+data-parallel job (`world`) every rank runs this loop on its shard; rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from steel_seg import distributed
 from steel_seg.checkpoint import BEST, LAST, atomic_save, load_training_state, restore_optimizer_state, save_training_state
+from steel_seg.distributed import SINGLE, World
 from steel_seg.evaluation import EvalResult, evaluate
 from steel_seg.models import output_weights
 from steel_seg.tta import View
@@ -86,15 +89,21 @@ class Trainer:
         views: list[View] | None = None,
         events: TrainingEvents | None = None,
         progress_bars: bool = True,
+        world: World = SINGLE,
+        network: paddle.nn.Layer | None = None,
     ):
+        """`network` is what training runs through (paddle.DataParallel over `model` in a
+        data-parallel job); checkpoints and evaluation use `model` itself."""
         self.model, self.loss_fn = model, loss_fn
+        self.world = world
+        self.network = network if network is not None else model
         self.train_loader, self.val_loader = train_loader, val_loader
         self.settings = settings
         self.checkpoint_dir = Path(checkpoint_dir)
         self.num_classes, self.class_names = num_classes, class_names
         self.aux_weights, self.views = aux_weights, views
         self.events = events or NoEvents()
-        self.progress_bars = progress_bars
+        self.progress_bars = progress_bars and world.is_main
         self.steps_per_epoch = len(train_loader)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.scheduler = paddle.optimizer.lr.PolynomialDecay(
@@ -123,11 +132,14 @@ class Trainer:
         return self.checkpoint_dir / BEST
 
     def _save_last(self) -> None:
+        if not self.world.is_main:
+            return
         save_training_state(self.last_path, self.model, self.optimizer, self.scheduler, self.progress.__dict__)
 
     def resume(self) -> Progress:
-        """Restore model, optimizer, scheduler and progress from `last`."""
-        state = load_training_state(self.last_path)
+        """Restore model, optimizer, scheduler and progress from `last` (rank 0 reads it and
+        hands it to the other ranks, so they need no shared disk)."""
+        state = distributed.main_decides(self.world, lambda: load_training_state(self.last_path))
         self.model.set_state_dict(state["model"])
         restore_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.set_state_dict(state["scheduler"])
@@ -147,19 +159,24 @@ class Trainer:
     def _step(self, batch) -> tuple[float, dict]:
         images = paddle.to_tensor(batch.images)
         labels = paddle.to_tensor(batch.labels)
+        # In a data-parallel job the loss is averaged over ranks before backward: a rank that
+        # died is then noticed here, as a Python error, rather than inside the gradient
+        # all-reduce, where Paddle aborts the process.
         if self.use_amp:
             with paddle.amp.auto_cast(level="O1"):
-                loss, terms = self._loss(self.model(images), labels)
+                loss, terms = self._loss(self.network(images), labels)
+            value = distributed.mean_loss(self.world, loss)
             scaled = self.scaler.scale(loss)
             scaled.backward()
             self.scaler.minimize(self.optimizer, scaled)
         else:
-            loss, terms = self._loss(self.model(images), labels)
+            loss, terms = self._loss(self.network(images), labels)
+            value = distributed.mean_loss(self.world, loss)
             loss.backward()
             self.optimizer.step()
         self.optimizer.clear_grad()
         self.scheduler.step()
-        return float(loss), terms
+        return value, terms
 
     def fit(self, resume: bool = False) -> Progress:
         """Train to `settings.epochs`; with `resume`, continue from the last checkpoint."""
@@ -181,6 +198,11 @@ class Trainer:
         try:
             for epoch in range(start_epoch, self.settings.epochs + 1):
                 self._train_epoch(epoch, bar)
+        except Exception as exc:
+            failure = distributed.peer_failure(exc, self.world)
+            if failure is not None:
+                raise failure from exc
+            raise
         finally:
             bar.close()
         return self.progress
@@ -216,20 +238,24 @@ class Trainer:
             "lr": self.optimizer.get_lr(),
             "step_seconds": float(np.mean(step_seconds)),
         }
-        record.update({f"loss_{name}": float(total) / len(losses) for name, total in term_sums.items()})
+        record.update({f"loss_{name}": distributed.mean_over_ranks(self.world, float(total) / len(losses))
+                       for name, total in term_sums.items()})
         if epoch % self.settings.eval_interval == 0 or epoch == self.settings.epochs:
+            distributed.sync_buffers(self.model, self.world)
             result = evaluate(
                 self.model, self.val_loader, self.num_classes, self.class_names, self.views,
-                progress=self.progress_bars, desc=f"val {epoch}",
+                progress=self.progress_bars, desc=f"val {epoch}", combine=distributed.combine_evaluations(self.world),
             )
             record["val_miou"] = result.scores["miou"]
             record["val_iou"] = result.scores["iou"]
             record["val_kaggle_dice"] = result.scores["kaggle_dice"]
             if result.scores["miou"] > self.progress.best_miou:
                 self.progress.best_miou, self.progress.best_epoch = result.scores["miou"], epoch
-                atomic_save(self.model.state_dict(), self.best_path)
+                if self.world.is_main:
+                    atomic_save(self.model.state_dict(), self.best_path)
             self.events.on_evaluation(epoch, result)
-            bar.write(f"epoch {epoch}: loss {record['train_loss']:.4f}  val mIoU {result.scores['miou']:.4f}  (best {self.progress.best_miou:.4f} @ {self.progress.best_epoch})")
+            if self.world.is_main:
+                bar.write(f"epoch {epoch}: loss {record['train_loss']:.4f}  val mIoU {result.scores['miou']:.4f}  (best {self.progress.best_miou:.4f} @ {self.progress.best_epoch})")
         self.progress.epoch = epoch
         self.progress.history.append(record)
         self._save_last()

@@ -157,6 +157,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     amp: bool = False
     """Mixed precision (GPU only; ignored with a warning on CPU)."""
+    sync_bn: bool = False
+    """Data-parallel jobs: BatchNorm statistics over the global batch (SyncBatchNorm; GPU only,
+    Paddle has no CPU kernel for it). `batch_size` is always the global batch, split over ranks."""
     num_workers: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     """Cap on steps per epoch, for smoke runs; None = the whole training split."""

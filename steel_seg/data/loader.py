@@ -30,7 +30,9 @@ class BatchLoader:
     """Iterate over `samples` in batches; `transform(image, label, rng)` prepares each pair.
 
     `num_workers` threads prepare samples in parallel (OpenCV releases the GIL); the output
-    does not depend on it.
+    does not depend on it. With `shard=(rank, count)` (data-parallel training) every batch of
+    the epoch's order is split over `count` processes and this one gets part `rank`: the shards
+    are disjoint, and together they are exactly the single-process batch.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class BatchLoader:
         seed: int = 0,
         num_workers: int = 0,
         max_batches: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         rows = [cache.index_of(s) for s in samples]
         missing = [s.image for s, r in zip(samples, rows) if r is None]
@@ -55,6 +58,9 @@ class BatchLoader:
         self.cache, self.rows, self.transform = cache, rows, transform
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.num_workers, self.max_batches = seed, num_workers, max_batches
+        self.rank, self.num_shards = shard
+        if not 0 <= self.rank < self.num_shards:
+            raise ValueError(f"shard {shard}: rank must be in 0..{self.num_shards - 1}")
         self.epoch = 0
         self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
 
@@ -81,7 +87,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = self._order()
         for b in range(len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.num_shards]
+            if not rows:  # a short last batch with fewer images than processes
+                continue
             pairs = list(self._pool.map(self._prepare, rows)) if self._pool else [self._prepare(r) for r in rows]
             images = np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2)
             labels = np.stack([p[1] for p in pairs]).astype(np.int64)
