@@ -6,6 +6,7 @@
     python -m steel_seg.run experiments/unet_dice.yaml --nproc 2        # data-parallel, 2 processes
     python -m steel_seg.run pipeline.yaml --dry-run
     python -m steel_seg.run pipeline.yaml --profile smoke --workers 2
+    python -m steel_seg.run pipeline.yaml --executor ray --address auto   # variants as Ray tasks
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--log-dir", default="log", help="where the launcher writes each process's output (workerlog.N)")
     pipeline = parser.add_argument_group("pipelines")
     pipeline.add_argument("--dry-run", action="store_true", help="print the resolved plan (stages, variants, seeds, reuse) and exit")
-    pipeline.add_argument("--workers", type=int, default=1, help="run independent variants in N parallel processes")
+    pipeline.add_argument("--executor", choices=("local", "ray"), default="local",
+                          help="local: this machine (--workers); ray: each variant a Ray task (needs the cluster extra)")
+    pipeline.add_argument("--address", help="--executor ray: the cluster to join (auto, or host:port); default: a local Ray")
+    pipeline.add_argument("--workers", type=int, default=None, help="--executor local: run independent variants in N parallel processes")
     pipeline.add_argument("--force", action="store_true", help="retrain variants that already have a finished run")
     pipeline.add_argument("--profile", help="a profile of the pipeline file, e.g. smoke")
     return parser
@@ -72,7 +76,7 @@ def run_pipeline_file(path: Path, args) -> int:
     if args.dry_run:
         print(planning.dry_run_text(pipeline, preview_reuse(pipeline, force=args.force)))
         return 0
-    outcome = run_pipeline(pipeline, workers=args.workers, force=args.force, progress=not args.no_progress, check=False)
+    outcome = run_pipeline(pipeline, force=args.force, progress=not args.no_progress, check=False, executor=_executor(args))
     print(outcome_text(outcome))
     from steel_seg.pipeline.compare import report_after_run
 
@@ -122,6 +126,21 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
+def _executor(args):
+    from steel_seg.pipeline.executor import ExecutorError, LocalExecutor
+
+    if args.executor == "local":
+        if args.address:
+            raise ExecutorError("--address is for --executor ray")
+        return LocalExecutor(args.workers or 1)
+    if args.workers:
+        raise ExecutorError("--workers is for --executor local; on Ray, `resources:` in the pipeline file decides "
+                            "how many variants run at once")
+    from steel_seg.pipeline.ray_executor import RayExecutor
+
+    return RayExecutor(args.address)
+
+
 def _stop_on_sigterm() -> None:
     """A job scheduler's SIGTERM ends the run like Ctrl-C: MLflow run KILLED, checkpoint kept.
 
@@ -155,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from steel_seg.config import ConfigError, dump_config, load_experiment
     from steel_seg.data.errors import DataError
     from steel_seg.distributed import RankFailure
+    from steel_seg.pipeline.executor import ExecutorError
     from steel_seg.experiment import AlreadyComplete, ExperimentError, check_runnable, run_experiment
 
     path = Path(args.config)
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(result.summary)
         return 0
-    except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, ExperimentError, DataError, ExecutorError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RankFailure as exc:

@@ -67,6 +67,17 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).expanduser().resolve()
 
 
+def local_store_problem(uri: str) -> str | None:
+    """Why workers on other machines could not share this store (a sqlite file or a local
+    folder), or None when it is a server or a database they can reach."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("sqlite", "file", "") or len(scheme) == 1:  # a path (C:\... on Windows)
+        return (f"the MLflow store {uri} is a file on this machine, which workers elsewhere cannot share; "
+                "use an MLflow tracking server: mlflow server --backend-store-uri <database> --artifacts-destination <dir> "
+                "--serve-artifacts, then MLFLOW_TRACKING_URI=http://<host>:5000 (or tracking.uri)")
+    return None
+
+
 def artifact_root_for(uri: str) -> Path | None:
     """Where artifacts go for a local sqlite store: `mlartifacts/` beside the database file."""
     db = sqlite_path(uri)

@@ -218,6 +218,22 @@ def test_unknown_keys_name_file_stage_variant_and_suggest(tmp_path):
     assert "top level" in message and "did you mean `stages`?" in message
 
 
+def test_resources_per_pipeline_and_stage_are_checked(tmp_path):
+    path = small(tmp_path, **{"name: small": "name: small\nresources: {cpus: 2, gpus: 0.5}",
+                              "  - name: loss\n": "  - name: loss\n    resources: {gpus: 1, memory_gb: 4}\n"})
+    pipeline = load_pipeline(path)
+    assert pipeline.stage_resources(pipeline.stage("base")) == {"cpus": 2.0, "gpus": 0.5}
+    assert pipeline.stage_resources(pipeline.stage("loss")) == {"cpus": 2.0, "gpus": 1.0, "memory_gb": 4.0}
+    assert load_pipeline(small(tmp_path)).resources == {"cpus": 1.0, "gpus": 0.0}  # one CPU each by default
+
+    bad = small(tmp_path, **{"name: small": "name: small\nresources: {cpu: 2, gpus: -1}"})
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(bad)
+    message = str(info.value)
+    assert f"({bad}:2)" in message and "unknown key `cpu`; did you mean `cpus`?" in message
+    assert "resources.gpus must be a number >= 0, got -1" in message
+
+
 def test_dangling_references_suggest_the_right_name(tmp_path):
     path = small(tmp_path, **{"best_of(aug)": "best_of(agu)", "from: base.unet": "from: base.unte"},
                  tail="conclusions:\n  - {claim: crop helps, better: aug.crap, worse: best_of(nope)}")
@@ -394,7 +410,7 @@ def test_summary_dict_is_what_compare_reads(shipped):
     assert set(summary) == {"name", "metric", "seeds", "stages", "conclusions"}
     assert [s["name"] for s in summary["stages"]] == ["baselines", "augment", "loss", "defect_free", "tta"]
     loss = summary["stages"][2]
-    assert set(loss) == {"name", "index", "evaluate_only", "from", "variants"}
+    assert set(loss) == {"name", "index", "evaluate_only", "resources", "from", "variants"}
     assert (loss["index"], loss["from"], loss["evaluate_only"]) == (2, "best_of(augment)", False)
     assert loss["variants"] == [
         {"name": "ce_lovasz", "from": "best_of(augment)", "reference_miou": 0.564},

@@ -4,7 +4,9 @@ Layout: one parent run per invocation, a child run per stage, a nested run per v
 seed. A variant whose resolved config and data already have a FINISHED run is reused (a copy
 tagged `steel_seg.reused_from` keeps the tree complete); a crashed or killed one is resumed
 from its last checkpoint; runs left RUNNING by a dead process are marked KILLED first.
-Independent variants of a stage run in parallel worker processes with `workers > 1`.
+Independent variants of a stage run in parallel: in worker processes of this machine
+(`LocalExecutor`, `workers > 1`) or as tasks on a Ray cluster (`ray_executor.RayExecutor`);
+stages run in order, so a `best_of` always sees the finished stage it names.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from steel_seg.config.loader import RawConfig
 from steel_seg.pipeline import plan as planning
 
 log = logging.getLogger(__name__)
+
+
+class ExecutorError(ValueError):
+    """The pipeline cannot run on the chosen executor (missing package, unshared store or data)."""
 
 
 @dataclass
@@ -99,6 +105,11 @@ def run_job(job_data: dict) -> dict:
     """Run one variant (train, resume or evaluate); returns a plain dict (crosses processes)."""
     from steel_seg.config import validate_experiment
 
+    if job_data.get("omp_threads"):  # a Ray task: its share of the CPUs, before Paddle loads
+        os.environ["OMP_NUM_THREADS"] = str(job_data["omp_threads"])
+    resume = job_data.get("resume")
+    if resume and not (Path(resume) / "last.pdckpt").is_file():
+        resume = None  # the crashed run's checkpoint is on another machine: train afresh
     try:
         config = validate_experiment(RawConfig(job_data["config"]), source=job_data["name"])
         tags = job_data["tags"]
@@ -114,7 +125,7 @@ def run_job(job_data: dict) -> dict:
         else:
             from steel_seg.experiment import run_experiment
 
-            result = run_experiment(config, resume=job_data.get("resume"), progress=job_data["progress"],
+            result = run_experiment(config, resume=resume, progress=job_data["progress"],
                                     parent_run_id=job_data["parent"], overrides=job_data["overrides"], tags=tags)
         return {"run_id": result.run_id, "scores": {"miou": result.scores["miou"]}, "summary": result.summary}
     except KeyboardInterrupt:
@@ -124,15 +135,57 @@ def run_job(job_data: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The executor
+# Where jobs run
+
+
+class LocalExecutor:
+    """A stage's jobs in this process, or in `workers` processes of this machine."""
+
+    name = "local"
+    local = True
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, workers)
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1
+
+    def check(self, pipeline, configs: list[ExperimentConfig]) -> None:
+        """Nothing to check: the store and the data are this machine's."""
+
+    def job_settings(self, stage) -> dict:
+        return {"threads": max(1, (os.cpu_count() or 1) // self.workers)}
+
+    def run(self, pending: list[tuple[Job, dict]]) -> list[tuple[Job, dict, dict]]:
+        if self.workers == 1 or len(pending) <= 1:
+            return [(job, data, run_job(data)) for job, data in pending]
+        import multiprocessing
+
+        results = []
+        context = multiprocessing.get_context("spawn")  # Paddle does not survive fork
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(pending[0][1]["threads"], _gpu_count(), context.Value("i", 0))) as pool:
+            futures = {pool.submit(run_job, data): (job, data) for job, data in pending}
+            for future in as_completed(futures):
+                job, data = futures[future]
+                try:
+                    results.append((job, data, future.result()))
+                except Exception as exc:  # noqa: BLE001 - a worker that died is this variant's failure
+                    results.append((job, data, {"error": f"worker process died: {type(exc).__name__}: {exc}"}))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
 
 
 class PipelineRunner:
-    def __init__(self, pipeline, *, workers: int = 1, force: bool = False, progress: bool = True):
+    def __init__(self, pipeline, *, workers: int = 1, force: bool = False, progress: bool = True, executor=None):
         self.pipeline = pipeline  # the command line's --set is in pipeline.overrides
-        self.workers = max(1, workers)
+        self.executor = executor or LocalExecutor(workers)
         self.force = force
-        self.progress = progress and self.workers == 1
+        self.progress = progress and not self.executor.parallel
         self.winners: dict[str, tuple[str, dict[int, VariantOutcome]]] = {}
         self.results: dict[str, dict[str, dict[int, VariantOutcome]]] = {}
         self._fingerprints: dict[str, str] = {}
@@ -218,31 +271,12 @@ class PipelineRunner:
         return {"steel_seg.role": "variant", "steel_seg.pipeline": self.pipeline.name, "stage": job.stage,
                 "variant": job.variant, "seed": str(job.seed), "steel_seg.checkpoint_run": job.checkpoint_run or ""}
 
-    def _job_data(self, job: Job, parent: str, resume: str | None) -> dict:
+    def _job_data(self, job: Job, stage, parent: str, resume: str | None) -> dict:
         return {
             "name": job.config.name, "config": job.config.model_dump(mode="json"), "tags": self._tags(job), "parent": parent,
             "overrides": job.overrides, "progress": self.progress, "evaluate_only": job.evaluate_only,
-            "checkpoint_run": job.checkpoint_run, "resume": resume,
-            "threads": max(1, (os.cpu_count() or 1) // self.workers),
+            "checkpoint_run": job.checkpoint_run, "resume": resume, **self.executor.job_settings(stage),
         }
-
-    def _execute(self, pending: list[tuple[Job, dict]]) -> list[tuple[Job, dict, dict]]:
-        if self.workers == 1 or len(pending) <= 1:
-            return [(job, data, run_job(data)) for job, data in pending]
-        import multiprocessing
-
-        results = []
-        context = multiprocessing.get_context("spawn")  # Paddle does not survive fork
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(pending[0][1]["threads"], _gpu_count(), context.Value("i", 0))) as pool:
-            futures = {pool.submit(run_job, data): (job, data) for job, data in pending}
-            for future in as_completed(futures):
-                job, data = futures[future]
-                try:
-                    results.append((job, data, future.result()))
-                except Exception as exc:  # noqa: BLE001 - a worker that died is this variant's failure
-                    results.append((job, data, {"error": f"worker process died: {type(exc).__name__}: {exc}"}))
-        return results
 
     def run_stage(self, stage, stage_tracker) -> StageOutcome:
         """Run (or reuse) every variant and seed of `stage` under its stage run; decide the winner."""
@@ -265,8 +299,8 @@ class PipelineRunner:
                 out_dir = Path(broken.data.tags.get("output_dir", "")) if broken is not None else None
                 if out_dir is not None and (out_dir / "last.pdckpt").is_file():
                     resume = str(out_dir)
-            pending.append((job, self._job_data(job, stage_tracker.run_id, resume)))
-        for job, data, result in self._execute(pending):
+            pending.append((job, self._job_data(job, stage, stage_tracker.run_id, resume)))
+        for job, data, result in self.executor.run(pending):
             if "error" in result:
                 log.error("%s.%s seed %d failed: %s", job.stage, job.variant, job.seed, result["error"])
                 outcome.outcomes.append(VariantOutcome(job.stage, job.variant, job.seed, "failed", error=result["error"], config=job.config))
@@ -328,18 +362,22 @@ def _tracking_of(pipeline) -> tuple[str, str]:
     return resolve_tracking_uri(config.tracking.uri), config.tracking.experiment
 
 
-def run_pipeline(pipeline, *, workers: int = 1, force: bool = False, progress: bool = True, check: bool = True) -> PipelineOutcome:
+def run_pipeline(pipeline, *, workers: int = 1, force: bool = False, progress: bool = True, check: bool = True,
+                 executor=None) -> PipelineOutcome:
     """Run every stage in order under one parent MLflow run; returns what happened to each variant.
 
     A failing variant is recorded and the rest go on; a stage whose variants all failed leaves
-    the stages that inherit from it skipped, with the reason.
+    the stages that inherit from it skipped, with the reason. `executor` runs each stage's jobs
+    (default: `LocalExecutor(workers)`); it checks first that it can run every variant.
     """
     from steel_seg.tracking import RunTracker, reap_dead_runs
 
     if check:  # the CLI has checked already, before its dry run
         planning.check_pipeline(pipeline)
+    executor = executor or LocalExecutor(workers)
     uri, experiment = _tracking_of(pipeline)
-    runner = PipelineRunner(pipeline, workers=workers, force=force, progress=progress)
+    executor.check(pipeline, list(planning.stand_in_configs(pipeline).values()))  # before any run exists
+    runner = PipelineRunner(pipeline, force=force, progress=progress, executor=executor)
     parent = RunTracker(uri, experiment, pipeline.name, {"steel_seg.role": "pipeline", "steel_seg.pipeline": pipeline.name})
     parent.start()
     dead = reap_dead_runs(uri, parent.experiment_id)
@@ -350,7 +388,7 @@ def run_pipeline(pipeline, *, workers: int = 1, force: bool = False, progress: b
         parent.log_dict(planning.summary_dict(pipeline), "pipeline.json")
         if pipeline.path is not None and Path(pipeline.path).is_file():
             parent.log_text(Path(pipeline.path).read_text(), "pipeline.yaml")
-        parent.log_params({"pipeline.workers": workers, "pipeline.seeds": json.dumps(pipeline.seeds), "pipeline.metric": pipeline.metric,
+        parent.log_params({"pipeline.executor": executor.name, "pipeline.workers": getattr(executor, "workers", 1), "pipeline.seeds": json.dumps(pipeline.seeds), "pipeline.metric": pipeline.metric,
                            "pipeline.overrides": json.dumps(list(pipeline.overrides))})
         for stage in pipeline.stages:
             stage_tracker = RunTracker(uri, experiment, f"{pipeline.name}/{stage.name}",

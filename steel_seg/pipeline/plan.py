@@ -21,11 +21,14 @@ from steel_seg.config.loader import RawConfig, apply_overrides, load_yaml_tree
 
 DEFAULT_METRIC = "final_val_miou"
 
-TOP_KEYS = ("name", "metric", "repeats", "seeds", "set", "profiles", "stages", "conclusions")
+TOP_KEYS = ("name", "metric", "repeats", "seeds", "set", "resources", "profiles", "stages", "conclusions")
 PROFILE_KEYS = ("repeats", "seeds", "set")
-STAGE_KEYS = ("name", "config", "from", "evaluate_only", "variants")
+STAGE_KEYS = ("name", "config", "from", "evaluate_only", "resources", "variants")
 VARIANT_KEYS = ("config", "from", "set", "reference_miou")
 CONCLUSION_KEYS = ("claim", "better", "worse")
+# What one variant's task asks a cluster for (`--executor ray`): CPUs, GPUs, memory.
+RESOURCE_KEYS = ("cpus", "gpus", "memory_gb")
+DEFAULT_RESOURCES = {"cpus": 1.0, "gpus": 0.0}
 
 # Stage and variant names end up in `stage.variant` references, run names and folder names.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -106,6 +109,8 @@ class Stage:
     config: Path | None = None
     evaluate_only: bool = False
     """No training: each variant re-evaluates the model of its `from` run (same seed)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """What each of its variants' tasks requests on a cluster, over the pipeline's `resources`."""
     origin: str = ""
 
     def variant(self, name: str) -> Variant:
@@ -141,6 +146,8 @@ class Pipeline:
     overrides: list[str] = field(default_factory=list)
     """Command-line `--set`: applied after each variant's own `set`, so they win."""
     profile: str | None = None
+    resources: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    """What each variant's task requests on a cluster (cpus, gpus, memory_gb)."""
     _raw_configs: dict[Path, RawConfig] = field(default_factory=dict, repr=False, compare=False)
 
     def stage(self, name: str) -> Stage:
@@ -157,6 +164,9 @@ class Pipeline:
     def variants(self) -> Iterator[Variant]:
         for stage in self.stages:
             yield from stage.variants
+
+    def stage_resources(self, stage: Stage) -> dict[str, float]:
+        return {**self.resources, **stage.resources}
 
     def raw_config(self, path: Path) -> RawConfig:
         """An experiment file with its `_base_` files merged, read once per plan."""
@@ -275,6 +285,20 @@ class _Reader:
             return list(seeds)
         return None
 
+    def resources(self, value: Any, at: tuple, label: str) -> dict[str, float]:
+        """`resources: {cpus: 2, gpus: 1, memory_gb: 8}`: numbers >= 0 (a fraction of a GPU is fine)."""
+        data = self.mapping(value, at, label, RESOURCE_KEYS)
+        out = {}
+        for key in RESOURCE_KEYS:
+            if key not in data:
+                continue
+            number = data[key]
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+                self.problem(at + (key,), label, f"resources.{key} must be a number >= 0, got {number!r}")
+                continue
+            out[key] = float(number)
+        return out
+
     def reference(self, value: Any, at: tuple, label: str) -> Reference | None:
         try:
             return parse_reference(value)
@@ -318,6 +342,7 @@ class _Reader:
         if not isinstance(evaluate_only, bool):
             self.problem(at + ("evaluate_only",), label, f"evaluate_only must be true or false, got {evaluate_only!r}")
         stage.evaluate_only = evaluate_only is True
+        stage.resources = self.resources(data.get("resources"), at + ("resources",), label)
         variants = data.get("variants")
         if variants is not None and not isinstance(variants, dict):
             self.problem(at + ("variants",), label, "`variants` must be a mapping of variant name to settings")
@@ -421,6 +446,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         name=name, metric=metric, seeds=seeds or [0], stages=stages,
         conclusions=conclusions, path=path, sets=sets, set_origins=set_origins,
         overrides=list(overrides), profile=profile,
+        resources={**DEFAULT_RESOURCES, **reader.resources(data.get("resources"), ("resources",), "top level")},
     )
     problems = reader.problems + plan_problems(pipeline)
     if problems:
@@ -768,6 +794,7 @@ def summary_dict(pipeline: Pipeline) -> dict:
                 "name": stage.name,
                 "index": stage.index,
                 "evaluate_only": stage.evaluate_only,
+                "resources": pipeline.stage_resources(stage),
                 "from": None if stage.from_ is None else stage.from_.text,
                 "variants": [
                     {
