@@ -194,7 +194,8 @@ def run_experiment(
 
     world = distributed.init_world()  # one process unless started by paddle.distributed.launch
     check_runnable(config)
-    source, is_demo = resolve_source(config.data, progress)
+    # Rank 0 first: it may generate the demo data, which the other ranks then find.
+    source, is_demo = distributed.in_turn(world, lambda: resolve_source(config.data, progress and world.is_main))
     if is_demo and config.demo_profile:
         config = with_demo_profile(config, overrides)
         if world.is_main:
