@@ -159,9 +159,12 @@ def main() -> None:
         last = next(r for c, s, r in rows if c == large and s == step)
         time_ratio = last["seconds"] / first["seconds"]
         per_image = last["seconds"] / large
+        # What growth there is (the CSV's RLE text, file lists) is per image: extend it linearly.
+        heap_per_image = (last["anon_mib"] - first["anon_mib"]) / (large - small)
+        heap_full = last["anon_mib"] + heap_per_image * (SEVERSTAL_IMAGES - large)
         print(f"  {step:<8} time x{time_ratio:.2f} (linear: x{large / small:g}), peak heap x{last['anon_mib'] / first['anon_mib']:.2f} "
-              f"(flat: x1), VmHWM x{last['hwm_mib'] / first['hwm_mib']:.2f}; "
-              f"at {SEVERSTAL_IMAGES:,} images: ~{per_image * SEVERSTAL_IMAGES / 60:.1f} min, heap ~{last['anon_mib']:.0f} MiB")
+              f"(flat: x1; {1024 * heap_per_image:.1f} KiB more per image), VmHWM x{last['hwm_mib'] / first['hwm_mib']:.2f}; "
+              f"at {SEVERSTAL_IMAGES:,} images: ~{per_image * SEVERSTAL_IMAGES / 60:.1f} min, heap ~{heap_full:.0f} MiB")
 
 
 if __name__ == "__main__":
