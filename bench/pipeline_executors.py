@@ -1,6 +1,6 @@
 """Wall time of one 2-variant pipeline stage: --executor local (1 and 2 workers) vs Ray.
 
-    python bench/pipeline_executors.py [--steps 8] [--repeats 1]
+    python bench/pipeline_executors.py [--epochs 4] [--repeats 1]
 
 All executors log to the same real `mlflow server` on 127.0.0.1 (Ray refuses a sqlite store),
 train the same two FastSCNN variants on the same synthetic data (forced, never reused), in
@@ -39,7 +39,7 @@ stages:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="training steps per variant")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs per variant (6 steps of batch 4 each)")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -48,13 +48,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = generate_dataset(tmp / "kaggle", num_images=32, seed=1)
+        root = generate_dataset(tmp / "kaggle", num_images=64, seed=1)
         with running_server(tmp / "server") as uri:
             config = {
                 "name": "exp",
                 "data": {"root": str(root), "work_dir": str(tmp / "work"), "size": [128, 32], "fallback_to_demo": False},
                 "model": {"type": "FastSCNN"},
-                "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": args.steps, "output_dir": str(tmp / "out")},
+                "train": {"epochs": args.epochs, "batch_size": 4, "max_steps_per_epoch": 6, "output_dir": str(tmp / "out")},
                 "eval": {"num_overlays": 0},
                 "tracking": {"uri": uri, "experiment": "bench"},
             }
@@ -79,7 +79,7 @@ def main() -> None:
                     assert not outcome.failed, outcome.failed
             ray.shutdown()
     base = min(times["local, 2 workers"])
-    print(f"2 variants x {args.steps} steps (FastSCNN 128x32, batch 4), best of {args.repeats}:")
+    print(f"2 variants x {args.epochs} epochs x 6 steps (FastSCNN 128x32, batch 4), best of {args.repeats}:")
     for name, values in times.items():
         print(f"  {name:<18} {min(values):6.1f} s  ({min(values) / base:.2f}x local, 2 workers)")
 

@@ -381,7 +381,16 @@ class RunTracker:
             schema=d.get("schema"), profile=d.get("profile"),
         )
         tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
-        self._client.log_inputs(self._run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+        inputs = [DatasetInput(dataset=entity, tags=tags)]
+        try:
+            self._client.log_inputs(self._run_id, datasets=inputs)
+        except MlflowException as exc:
+            # Two runs recording the same new dataset at once (parallel workers, a shared server):
+            # the store checks, then inserts, and the slower one hits the unique key. The dataset
+            # exists now, so linking it again succeeds.
+            if "unique" not in str(exc).lower():
+                raise
+            self._client.log_inputs(self._run_id, datasets=inputs)
 
 
 def _as_float(key: str, value) -> float:

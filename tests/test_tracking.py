@@ -305,3 +305,28 @@ def test_a_run_whose_process_was_killed_is_marked_killed_and_a_live_one_is_left(
     resumed = RunTracker(uri, "dead").start(resume_run_id=dead_id)  # a killed run can be resumed
     assert client.get_run(dead_id).info.status == "RUNNING" and "failure_reason" not in client.get_run(dead_id).data.tags
     resumed.finish()
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(store):
+    """Parallel runs record the same new dataset: the store checks, then inserts, and the slower
+    run hits the unique key; it links the (now existing) dataset on a second try."""
+    from mlflow.exceptions import MlflowException
+
+    record = dict(records=[{"image": "a.jpg"}], source="/data", name="race-train", digest="r4ce", context="training")
+    with RunTracker(store, "race") as first:
+        first.log_dataset(**record)
+    with RunTracker(store, "race") as second:
+        real, calls = second._client.log_inputs, []
+
+        def collide(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+            return real(*args, **kwargs)
+
+        second._client.log_inputs = collide
+        second.log_dataset(**record)
+    assert len(calls) == 2
+    for run_id in (first.run_id, second.run_id):
+        inputs = MlflowClient(store).get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("race-train", "r4ce")]
