@@ -232,7 +232,7 @@ def prepare_data(data, progress: bool = True, source: tuple[Path, bool] | None =
 
     `source` is `resolve_source(data)`'s answer when the caller already asked.
     """
-    source, is_demo = source or resolve_source(data)
+    source, is_demo = source or resolve_source(data, progress)
     skipped: list[tuple[str, str]] = []
     seg = open_source(source, data, skipped, progress)
     samples = seg.all_samples()
