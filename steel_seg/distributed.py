@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 # Messages of a collective whose peer went away (gloo on CPU, NCCL on GPU).
-_PEER_GONE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"gloo|nccl", re.IGNORECASE)
 
 
 class RankFailure(RuntimeError):

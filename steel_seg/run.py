@@ -22,12 +22,12 @@ from pathlib import Path
 import yaml
 
 
-def _quiet_third_party() -> None:
+def _quiet_third_party(threads: bool = True) -> None:
     # Paddle warns about ccache on import and PaddleSeg logs every model it builds.
     warnings.filterwarnings("ignore", message=".*ccache.*")
     warnings.filterwarnings("ignore", message=".*always track global mean and variance.*")
-    # Measured faster on CPU. (paddle.distributed.launch sets 1 for each rank unless it is set.)
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if threads:  # measured faster on CPU (paddle.distributed.launch sets 1 a rank unless it is set)
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     # MLflow draws a progress bar for every artifact download, even of one small file.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -160,11 +160,12 @@ def _stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.nproc is not None:
+        _quiet_third_party(threads=False)  # the ranks share the cores (distributed.launch)
         return _launch(argv, args)
+    _quiet_third_party()
     import paddle  # noqa: F401  - Paddle installs its own SIGTERM handler on import; ours goes after
 
     _stop_on_sigterm()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +31,10 @@ def running_server(folder: Path, backend_store_uri: str | None = None, timeout: 
         "--backend-store-uri", backend_store_uri or f"sqlite:///{folder / 'server.db'}",
         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
     ]
-    # The server starts its web server by name: the venv's bin must be on PATH.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The server starts its web server by name: the venv's bin must be on PATH. Its job runner
+    # (a pool of huey consumers, ~1.5 GB) serves GenAI jobs that tests do not use.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -48,10 +51,11 @@ def running_server(folder: Path, backend_store_uri: str | None = None, timeout: 
                 raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
         yield uri
-    finally:
-        server.terminate()
+    finally:  # the server and the web server it started: their own process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(15)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
         log.close()
