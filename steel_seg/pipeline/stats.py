@@ -64,12 +64,22 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     b = [float(v) for v in b if v is not None and not math.isnan(float(v))]
     if len(a) < 2 or len(b) < 2:
         return None
-    if summarize(a).std == 0 and summarize(b).std == 0:
+    if _flat(a) and _flat(b):
         return None
+    import warnings
+
     from scipy import stats
 
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-identical seeds: scipy warns of precision loss; p is still usable
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return None if math.isnan(p) else p
+
+
+def _flat(values: Sequence[float]) -> bool:
+    """No spread beyond float rounding (seeds that gave the same score up to ~1e-9)."""
+    summary = summarize(values)
+    return summary.std <= 1e-9 * max(1.0, abs(summary.mean))
 
 
 @dataclass(frozen=True)
