@@ -49,14 +49,14 @@ def check_runnable(config: ExperimentConfig) -> None:
     """Everything that can be checked without data: model, loss, augmentation, TTA views."""
     from steel_seg.losses import build_loss
     from steel_seg.models import check_model_spec
-    from steel_seg.tta import resolve_views
+    from steel_seg.tta import plan_from_eval
 
     problems = []
     for what, check in (
         ("model", lambda: check_model_spec(config.model.type, config.model.backbone, config.model.kwargs())),
         ("loss.use_mixed_loss", lambda: build_loss(config.loss.terms())),
         ("augment", lambda: train_pipeline(config.augment, config.data.size)),
-        ("eval.tta", lambda: resolve_views(config.eval.tta)),
+        ("eval.tta", lambda: plan_from_eval(config.eval)),
     ):
         try:
             check()
@@ -375,7 +375,7 @@ def _eval_batch(config: ExperimentConfig) -> int:
 def _final_evaluation(config: ExperimentConfig, model, data: PreparedData, progress: bool):
     """Scores on `eval.split`, plain and (if configured) with TTA."""
     from steel_seg.evaluation import evaluate
-    from steel_seg.tta import resolve_views
+    from steel_seg.tta import plan_from_eval
 
     split = config.eval.split
     loader = BatchLoader(data.cache, data.split(split), eval_pipeline(tuple(config.data.size)), _eval_batch(config))
@@ -383,8 +383,8 @@ def _final_evaluation(config: ExperimentConfig, model, data: PreparedData, progr
                      progress=progress, desc=f"final {split}")
     tta = None
     if config.eval.tta:
-        tta = evaluate(model, loader, data.num_classes, data.class_names, resolve_views(config.eval.tta),
-                       config.eval.tta_merge, progress=progress, desc=f"final {split} TTA")
+        tta = evaluate(model, loader, data.num_classes, data.class_names, plan_from_eval(config.eval),
+                       progress=progress, desc=f"final {split} TTA", batched=config.eval.tta_batched)
     return final, tta
 
 
@@ -406,7 +406,8 @@ def _record_results(tracker, config: ExperimentConfig, data: PreparedData, state
         "scores": final.scores,
         "ms_per_image": final.ms_per_image,
         "tta": None if tta is None else {
-            "views": config.eval.tta, "merge": config.eval.tta_merge, "scores": tta.scores, "ms_per_image": tta.ms_per_image,
+            "views": config.eval.tta, "merge": config.eval.tta_merge, "weights": config.eval.tta_weights,
+            "scores": tta.scores, "ms_per_image": tta.ms_per_image,
         },
         "history": state.history,
     }
@@ -430,6 +431,7 @@ def _record_results(tracker, config: ExperimentConfig, data: PreparedData, state
 
 def _summary(config, final, tta_result, best_epoch, out_dir, tracker, data) -> str:
     from steel_seg.tracking import describe_store
+    from steel_seg.tta import plan_from_eval
 
     split = config.eval.split
     lines = [
@@ -441,7 +443,7 @@ def _summary(config, final, tta_result, best_epoch, out_dir, tracker, data) -> s
     ]
     if tta_result is not None:
         lines.append(
-            f"with TTA {config.eval.tta} ({config.eval.tta_merge}): mIoU {tta_result.scores['miou']:.4f} "
+            f"with TTA {plan_from_eval(config.eval).describe()}: mIoU {tta_result.scores['miou']:.4f} "
             f"vs {final.scores['miou']:.4f}, {tta_result.ms_per_image:.1f} ms/image "
             f"({tta_result.seconds / max(final.seconds, 1e-9):.1f}x the time)"
         )
@@ -471,7 +473,7 @@ def evaluate_checkpoint(
     from steel_seg.evaluation import evaluate
     from steel_seg.models import build_model
     from steel_seg.tracking import RunTracker
-    from steel_seg.tta import resolve_views
+    from steel_seg.tta import plan_from_eval
 
     check_runnable(config)
     source = resolve_source(config.data, progress)
@@ -493,8 +495,8 @@ def evaluate_checkpoint(
         load_weights(model, checkpoint)
         split = config.eval.split
         loader = BatchLoader(data.cache, data.split(split), eval_pipeline(tuple(config.data.size)), _eval_batch(config))
-        result = evaluate(model, loader, data.num_classes, data.class_names, resolve_views(config.eval.tta), config.eval.tta_merge,
-                          progress=progress, desc=f"{config.name} {split}")
+        result = evaluate(model, loader, data.num_classes, data.class_names, plan_from_eval(config.eval),
+                          progress=progress, desc=f"{config.name} {split}", batched=config.eval.tta_batched)
         tracker.log_metrics(_final_metrics(f"final_{split}_", result.scores, data.class_names, result.ms_per_image))
         (out_dir / "metrics.json").write_text(json.dumps({"split": split, "tta": config.eval.tta, "scores": result.scores,
                                                           "ms_per_image": result.ms_per_image}, indent=2, default=float))

@@ -211,6 +211,16 @@ def dice_pairs(
     return _dice_from_counts(inter[:, 1:], pred_px[:, 1:], true_px[:, 1:])
 
 
+def per_image_confusion(pred, label, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """One confusion matrix per image of an (N, H, W) batch, (N, C, C) int64, rows true.
+
+    Summed over any subset of images it is that subset's confusion matrix (the sensitivity
+    analysis bins images by a feature this way).
+    """
+    pred, label, valid = _checked(_as_batch(pred, "pred"), _as_batch(label, "label"), num_classes, ignore_index)
+    return _per_image_confusion(pred, label, valid, num_classes)
+
+
 def _detection_counts(pred_px: np.ndarray, true_px: np.ndarray, min_pixels: int):
     """Image-level (tp, fp, fn) per class from per-image pixel counts, each summed over images."""
     predicted = pred_px > min_pixels

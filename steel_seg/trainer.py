@@ -22,7 +22,7 @@ from steel_seg.checkpoint import BEST, LAST, atomic_save, load_training_state, r
 from steel_seg.distributed import SINGLE, World
 from steel_seg.evaluation import EvalResult, evaluate
 from steel_seg.models import output_weights
-from steel_seg.tta import View
+from steel_seg.deploy.tta import TTAPlan
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,7 +86,7 @@ class Trainer:
         num_classes: int,
         class_names: list[str] | None = None,
         aux_weights: list[float] | None = None,
-        views: list[View] | None = None,
+        tta: TTAPlan | None = None,
         events: TrainingEvents | None = None,
         progress_bars: bool = True,
         world: World = SINGLE,
@@ -101,7 +101,7 @@ class Trainer:
         self.settings = settings
         self.checkpoint_dir = Path(checkpoint_dir)
         self.num_classes, self.class_names = num_classes, class_names
-        self.aux_weights, self.views = aux_weights, views
+        self.aux_weights, self.tta = aux_weights, tta
         self.events = events or NoEvents()
         self.progress_bars = progress_bars and world.is_main
         self.steps_per_epoch = len(train_loader)
@@ -243,7 +243,7 @@ class Trainer:
         if epoch % self.settings.eval_interval == 0 or epoch == self.settings.epochs:
             distributed.sync_buffers(self.model, self.world)
             result = evaluate(
-                self.model, self.val_loader, self.num_classes, self.class_names, self.views,
+                self.model, self.val_loader, self.num_classes, self.class_names, self.tta,
                 progress=self.progress_bars, desc=f"val {epoch}", combine=distributed.combine_evaluations(self.world),
             )
             record["val_miou"] = result.scores["miou"]

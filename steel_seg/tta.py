@@ -1,68 +1,20 @@
-"""Test-time augmentation: run the model on augmented views, undo each view, merge probabilities.
+"""Test-time augmentation for training-time (dygraph) models.
 
-A view is a pair (augment the input, de-augment the output). Only geometric views need
-undoing; merging happens on softmax probabilities, never on hard masks (seed 000: merge as
-0.5 * original + 0.5 * augmented, which is `mean` over the identity and one view).
+The views, merges and the batching runner live in `steel_seg.deploy.tta` (NumPy and OpenCV
+only), so evaluation and the deployed Predictor run exactly the same TTA; this module plugs a
+Paddle model into that runner and builds plans from `eval.*` settings.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
+import numpy as np
 import paddle
-import paddle.nn.functional as F
+
+from steel_seg.deploy.tta import MERGES, TTAPlan, ViewRunner, resolve, split_names  # noqa: F401 - re-exported
 
 Tensor = paddle.Tensor
-
-
-@dataclass(frozen=True)
-class View:
-    name: str
-    augment: Callable[[Tensor], Tensor]
-    deaugment: Callable[[Tensor], Tensor]
-
-
-def _flip(axes: list[int]) -> Callable[[Tensor], Tensor]:
-    return lambda x: paddle.flip(x, axis=axes)
-
-
-def _same(x: Tensor) -> Tensor:
-    return x
-
-
-VIEWS: dict[str, View] = {
-    "identity": View("identity", _same, _same),
-    "hflip": View("hflip", _flip([3]), _flip([3])),
-    "vflip": View("vflip", _flip([2]), _flip([2])),
-    "hvflip": View("hvflip", _flip([2, 3]), _flip([2, 3])),
-}
-
-
-def _gmean(stack: Tensor) -> Tensor:
-    merged = paddle.exp(paddle.log(stack.clip(min=1e-8)).mean(axis=0))
-    return merged / merged.sum(axis=1, keepdim=True)  # back to a distribution per pixel
-
-
-MERGES: dict[str, Callable[[Tensor], Tensor]] = {
-    "mean": lambda stack: stack.mean(axis=0),
-    "gmean": _gmean,
-    "max": lambda stack: stack.max(axis=0),
-}
-
-
-def resolve_views(names: Sequence[str]) -> list[View]:
-    """The views to run: always the original first, then each named one once."""
-    views = [VIEWS["identity"]]
-    for name in names:
-        if name not in VIEWS:
-            close = difflib.get_close_matches(name, list(VIEWS), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ValueError(f"eval.tta: unknown view `{name}`.{hint} Known: {', '.join(VIEWS)}")
-        if VIEWS[name] not in views:
-            views.append(VIEWS[name])
-    return views
 
 
 def main_logits(outputs) -> Tensor:
@@ -70,11 +22,22 @@ def main_logits(outputs) -> Tensor:
     return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
-def predict_probs(model: paddle.nn.Layer, images: Tensor, views: Sequence[View] = (VIEWS["identity"],), merge: str = "mean") -> Tensor:
-    """Softmax probabilities (N, C, H, W), merged over `views`."""
-    probs = [view.deaugment(F.softmax(main_logits(model(view.augment(images))), axis=1)) for view in views]
-    if len(probs) == 1:
-        return probs[0]
-    if merge not in MERGES:
-        raise ValueError(f"unknown TTA merge `{merge}`; known: {', '.join(MERGES)}")
-    return MERGES[merge](paddle.stack(probs))
+def dygraph_forward(model: paddle.nn.Layer):
+    """batch (N, C, H, W) float32 NumPy -> main-head logits as NumPy, on the current device.
+
+    On a GPU the logits come back to the host once per forward pass (written for GPU, tested on
+    CPU only): the merge and argmax run in NumPy, as in the Predictor.
+    """
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return main_logits(model(paddle.to_tensor(batch))).numpy()
+    return forward
+
+
+def plan_from_eval(eval_config) -> TTAPlan:
+    """The TTA plan of an `eval` config section (views, merge, weights)."""
+    return resolve(eval_config.tta, eval_config.tta_merge, eval_config.tta_weights)
+
+
+def resolve_views(names: Sequence[str], merge: str = "mean", weights: Sequence[float] | None = None) -> TTAPlan:
+    """Kept for callers that only have view names: `resolve` with the default normalisation."""
+    return resolve(names, merge, weights)

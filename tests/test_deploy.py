@@ -96,6 +96,30 @@ def test_flip_tta_is_the_mean_of_the_view_and_its_undone_flip(export_dir):
     np.testing.assert_allclose(Predictor(export_dir, tta=[]).model_probs(batch), plain, atol=1e-6)
 
 
+def test_tta_chosen_into_deploy_yaml_is_what_the_predictor_runs(export_dir, tmp_path):
+    import shutil
+
+    from steel_seg.deploy.spec import set_tta
+    from steel_seg.deploy.tta import parse_view, resolve
+
+    copy = tmp_path / "weighted"
+    shutil.copytree(export_dir, copy)
+    set_tta(copy, ["blur"], "weighted", [0.5, 0.5], chosen={"run_id": "abc", "split": "val"})
+    assert read_spec(copy).tta == {"views": ["blur:3"], "merge": "weighted", "weights": [0.5, 0.5], "chosen": {"run_id": "abc", "split": "val"}}
+    predictor = Predictor(copy, backend="paddle")
+    batch = model_input(toy_images(2, 32, 64)[0], predictor.spec.preprocess)
+    plain = softmax(predictor.logits(batch))
+    blurred = softmax(predictor.logits(parse_view("blur").augment(batch, resolve([]).norm)[0]))
+    before = predictor.runner.passes
+    assert np.array_equal(predictor.model_probs(batch), 0.5 * plain + 0.5 * blurred)
+    assert predictor.runner.passes == before + 1  # both views in one engine call
+    with pytest.raises(SpecError, match="weights"):
+        set_tta(copy, ["blur"], "weighted", [1.0])
+    with pytest.raises(SpecError, match="change the input size, but backend openvino"):
+        Predictor(copy, backend="openvino", tta=["scale:1.5"])
+    assert Predictor(copy, backend="onednn", tta=["scale:1.5"]).predict_one(toy_images(1, 64, 128)[0][0]).mask.shape == (64, 128)
+
+
 def test_thresholds_from_deploy_yaml_apply_and_can_be_turned_off(export_dir, tmp_path):
     import shutil
 

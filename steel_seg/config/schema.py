@@ -169,8 +169,15 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     split: Literal["val", "test"] = "val"
     tta: list[str] = []
-    """Test-time augmentation views, e.g. [hflip]; [] = none."""
-    tta_merge: Literal["mean", "gmean", "max"] = "mean"
+    """Test-time augmentation views besides the original, e.g. [hflip], [blur:3], [hflip+blur]
+    (views compose with `+`; see steel_seg.deploy.tta for the names); [] = none."""
+    tta_merge: Literal["mean", "weighted", "logits_mean", "gmean", "max"] = "mean"
+    """How the views' outputs are merged (probabilities; logits for logits_mean); argmax last."""
+    tta_weights: list[float] | None = None
+    """With tta_merge: weighted, one weight per view, the original first: the seed's
+    `0.5 * original + 0.5 * augmented` is [0.5, 0.5]."""
+    tta_batched: bool = True
+    """Run the views of a batch as one forward pass (one pass per view if memory runs out)."""
     num_overlays: int = Field(4, ge=0)
     batch_size: int | None = Field(None, ge=1)
 

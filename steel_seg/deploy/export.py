@@ -46,6 +46,7 @@ class ModelSource:
     weights: Path
     tta_views: list[str] = field(default_factory=list)
     tta_merge: str = "mean"
+    tta_weights: list[float] | None = None
     config_yaml: str | None = None
     provenance: dict = field(default_factory=dict)
 
@@ -227,7 +228,8 @@ def _build(source: ModelSource, folder: Path, samples: list[np.ndarray], onnx: b
         backends=passed,
         rejected=rejected,
         default_backend=default,
-        tta={"views": list(source.tta_views), "merge": source.tta_merge},
+        tta={"views": list(source.tta_views), "merge": source.tta_merge,
+             **({"weights": list(source.tta_weights)} if source.tta_weights else {})},
         source={**source.provenance, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **_versions()},
     )
     spec.write(folder)

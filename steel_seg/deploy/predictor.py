@@ -16,9 +16,9 @@ import numpy as np
 from steel_seg.deploy import tta as tta_views
 from steel_seg.deploy.backends import choose_backend, open_engine
 from steel_seg.deploy.images import as_rgb, decode_rgb, read_rgb
-from steel_seg.deploy.postprocess import probs_to_mask, softmax, upsample_probs
+from steel_seg.deploy.postprocess import probs_to_mask, upsample_probs
 from steel_seg.deploy.preprocess import model_input
-from steel_seg.deploy.spec import DeploySpec, read_spec
+from steel_seg.deploy.spec import DeploySpec, SpecError, read_spec
 
 ImageInput = Union[str, Path, bytes, np.ndarray]
 
@@ -43,11 +43,27 @@ def load_image(item: ImageInput, name: str | None = None) -> tuple[str, np.ndarr
     return label, as_rgb(item, label)
 
 
+# Engines that run an exported program only at the size it was exported with (measured: ONNX
+# Runtime rejects other sizes, OpenVINO prints an error); Paddle Inference plain and oneDNN resize.
+FIXED_SIZE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+
+
+def tta_plan(spec: DeploySpec, views=None, merge: str | None = None, weights=None) -> tta_views.TTAPlan:
+    """The TTA plan of deploy.yaml, or of the given views (then merge and weights as given)."""
+    norm = tta_views.Normalisation(tuple(spec.preprocess.mean), tuple(spec.preprocess.std))
+    if views is None:
+        views = spec.tta.get("views", [])
+        merge = merge or spec.tta.get("merge", "mean")
+        weights = weights if weights is not None else spec.tta.get("weights")
+    return tta_views.resolve(views, merge or "mean", weights, norm)
+
+
 class Predictor:
     """Runs an exported model: preprocessing, batched inference, TTA, post-processing.
 
     backend: `auto` (the fastest that passed its check at export) or a name from deploy.yaml.
-    tta: view names (e.g. ["hflip"]); None uses deploy.yaml's; [] turns TTA off.
+    tta: view names (e.g. ["hflip", "blur:3"]); None uses deploy.yaml's views, merge and
+    weights; [] turns TTA off. The views of a batch run as one engine call per input size.
     """
 
     def __init__(
@@ -57,6 +73,7 @@ class Predictor:
         threads: int | None = None,
         tta: Sequence[str] | None = None,
         tta_merge: str | None = None,
+        tta_weights: Sequence[float] | None = None,
         batch_size: int = 8,
         postprocess: bool = True,
     ):
@@ -65,8 +82,15 @@ class Predictor:
         self.backend = choose_backend(self.spec, backend)
         self.threads = threads
         self.engine = open_engine(self.folder, self.backend, threads)
-        self.tta_merge = tta_merge or self.spec.tta.get("merge", "mean")
-        self.views = tta_views.resolve(self.spec.tta.get("views", []) if tta is None else tta, self.tta_merge)
+        self.tta = tta_plan(self.spec, tta, tta_merge, tta_weights)
+        resizing = [v.name for v in self.tta.views if v.changes_size]
+        if resizing and self.backend in FIXED_SIZE_BACKENDS:
+            width, height = self.spec.preprocess.size
+            raise SpecError(
+                f"TTA view(s) {', '.join(resizing)} change the input size, but backend {self.backend} runs the program at its "
+                f"exported size {width}x{height} only; use backend paddle or onednn, or drop the view(s)"
+            )
+        self.runner = tta_views.ViewRunner(self.engine.run, batched=bool(self.spec.tta.get("batched", True)))
         self.batch_size = max(1, batch_size)
         self.postprocess = postprocess
 
@@ -80,13 +104,13 @@ class Predictor:
         """Raw logits (N, C, h, w) for a preprocessed batch; no TTA."""
         return self.engine.run(batch)
 
+    @property
+    def views(self) -> list[str]:
+        return [v.name for v in self.tta.views]
+
     def model_probs(self, batch: np.ndarray) -> np.ndarray:
         """Softmax probabilities at model size, merged over the TTA views."""
-        probs = []
-        for view in self.views:
-            out = softmax(self.engine.run(tta_views.augment(batch, view)), axis=1)
-            probs.append(tta_views.augment(out, view))  # flips undo themselves
-        return tta_views.merge(probs, self.tta_merge)
+        return self.runner.probs(batch, self.tta)
 
     # -- at the original size ----------------------------------------------------------------
 

@@ -110,6 +110,7 @@ def export_run(
             weights=weights,
             tta_views=list(config.eval.tta),
             tta_merge=config.eval.tta_merge,
+            tta_weights=config.eval.tta_weights,
             config_yaml=config_path.read_text(),
             provenance={
                 "run_id": run_id,

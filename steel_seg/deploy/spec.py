@@ -146,3 +146,21 @@ def read_spec(folder: str | Path) -> DeploySpec:
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({exc})") from None
     return spec_from_dict(data, str(path))
+
+
+def set_tta(folder: str | Path, views: list[str], merge: str = "mean", weights: list[float] | None = None,
+            chosen: dict[str, Any] | None = None) -> DeploySpec:
+    """Write TTA views, merge and weights into an export's deploy.yaml, checked before writing.
+
+    `chosen` records where the choice came from (run, split, gain), shown beside it.
+    """
+    from steel_seg.deploy.tta import resolve
+
+    spec = read_spec(folder)
+    try:
+        plan = resolve(views, merge, weights)
+    except ValueError as exc:
+        raise SpecError(f"{Path(folder) / SPEC_FILE}: {exc}") from None
+    spec.tta = {**plan.as_spec(), **({"chosen": chosen} if chosen else {})}
+    spec.write(Path(folder))
+    return spec
