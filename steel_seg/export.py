@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-register", action="store_true", help="do not register in the Model Registry")
     parser.add_argument("--data", help="data.root to use for tuning if the run's data moved")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--tta", default=None, help="TTA views for deploy.yaml instead of the run's eval.tta, e.g. hflip,blur ('' for none)")
+    parser.add_argument("--tta-merge", default=None, help="with --tta: mean (default), weighted, logits_mean, gmean, max")
+    parser.add_argument("--tta-weights", default=None, help="with --tta-merge weighted: one per view, the original first, e.g. 0.5,0.5")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -57,6 +60,18 @@ def summary(outcome) -> str:
     return "\n".join(lines)
 
 
+def _tta_option(args) -> dict | None:
+    if args.tta is None:
+        if args.tta_merge or args.tta_weights:
+            raise ValueError("--tta-merge and --tta-weights go with --tta VIEWS")
+        return None
+    try:
+        weights = [float(w) for w in args.tta_weights.split(",")] if args.tta_weights else None
+    except ValueError:
+        raise ValueError(f"--tta-weights must be comma-separated numbers, got {args.tta_weights!r}") from None
+    return {"views": args.tta, "merge": args.tta_merge or "mean", "weights": weights}
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     args = build_parser().parse_args(argv)
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = export_run(
             tracking_uri=args.tracking_uri, experiment=args.experiment, metric=args.metric, run_id=args.run_id,
             out=args.out, onnx=args.onnx, tune_postprocess=args.tune_postprocess, force=args.force,
-            register=register, data_root=args.data, progress=not args.no_progress,
+            register=register, data_root=args.data, progress=not args.no_progress, tta=_tta_option(args),
         )
     except (ConfigError, DataError, ExportError, ProgramExportError, SpecError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -337,3 +337,47 @@ def stage_bar_chart(
     if handles:  # below the axes: inside, it would hide a bar's error bar or a "no result"
         fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False, fontsize="small")
     return fig
+
+
+def _line_colour(class_id: int) -> tuple[float, float, float]:
+    """Background drawn in grey (its class colour is black)."""
+    return (0.45, 0.45, 0.45) if class_id == 0 else _rgb01(class_id)
+
+
+def sensitivity_figure(table) -> Figure:
+    """Per-class F1 and IoU across the quintiles of one feature (a sensitivity.FeatureTable)."""
+    fig = _new_figure(figsize=(11, 4.2))
+    labels = [f"Q{b.index + 1}\n{b.low:.3g}-{b.high:.3g}\n({b.images} img)" for b in table.bins]
+    x = np.arange(len(table.bins))
+    for panel, (key, stds, title) in enumerate((("f1", table.f1_std, "F1"), ("iou", table.iou_std, "IoU"))):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        for c, name in enumerate(table.class_names):
+            values = [getattr(b, key)[c] for b in table.bins]
+            std = stds[c]
+            label = f"{name} (std {std:.3f})" if not math.isnan(std) else name
+            ax.plot(x, values, marker="o", color=_line_colour(c), label=label, linestyle="--" if c == 0 else "-")
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} by {table.feature.replace('_', ' ')} quintile")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def tta_comparison_figure(class_names: Sequence[str], arms: Sequence[tuple[str, dict, float]], split: str) -> Figure:
+    """Per-class IoU and recall of each arm (label, scores, ms/image) side by side, cost in the legend."""
+    fig = _new_figure(figsize=(11, 4.2))
+    x = np.arange(len(class_names))
+    width = 0.8 / max(len(arms), 1)
+    for panel, (key, title) in enumerate((("iou", "IoU"), ("recall", "recall"))):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        for k, (label, scores, ms) in enumerate(arms):
+            values = [_num(v) for v in scores[key]]
+            ax.bar(x + (k - (len(arms) - 1) / 2) * width, values, width, label=f"{label} ({ms:.0f} ms/img)")
+        ax.set_xticks(x, list(class_names), fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"per-class {title} on {split}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig

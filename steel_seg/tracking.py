@@ -645,6 +645,11 @@ def finished_run(uri: str | None, experiment: str | None = None, metric: str = "
     raise ValueError(f"no FINISHED run of {experiment!r} has the metric {metric!r}; final metrics there: {', '.join(metrics)}")
 
 
+def experiment_name(uri: str | None, experiment_id: str) -> str:
+    """The name of an experiment (nested runs go into their parent's experiment by name)."""
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_experiment(experiment_id).name
+
+
 # ---------------------------------------------------------------------------------------------
 # Export and the Model Registry
 

@@ -78,8 +78,13 @@ def export_run(
     register: str | None = "steel-seg",
     data_root: str | None = None,
     progress: bool = True,
+    tta: dict | None = None,
 ) -> ExportOutcome:
-    """Export the best FINISHED run of `experiment` (or `run_id`), log it back and register it."""
+    """Export the best FINISHED run of `experiment` (or `run_id`), log it back and register it.
+
+    `tta` ({views, merge, weights}) replaces the run's eval.tta in deploy.yaml, e.g. the views
+    `python -m steel_seg.evaluate --choose-on val` chose.
+    """
     from steel_seg import tracking
     from steel_seg.config import load_experiment
     from steel_seg.data.prepare import prepare_data, resolve_source
@@ -99,6 +104,12 @@ def export_run(
                 prepared.append(prepare_data(config.data, progress=progress, source=resolve_source(config.data)))
             return prepared[0]
 
+        if tta is not None:
+            from steel_seg.deploy.tta import resolve
+
+            plan = resolve(tta.get("views"), tta.get("merge") or "mean", tta.get("weights"))  # checked before any work
+            config = config.model_copy(update={"eval": config.eval.model_copy(update={
+                "tta": plan.extra_views, "tta_merge": plan.merge, "tta_weights": list(plan.weights) if plan.weights else None})})
         name = str(config.name or run.info.run_name)
         folder = Path(out) if out else Path("export") / name
         source = ModelSource(

@@ -1,0 +1,1 @@
+"""TTA beyond one evaluation: re-scoring finished runs, choosing views, sensitivity analysis."""
