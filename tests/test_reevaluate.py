@@ -88,7 +88,8 @@ def test_choose_on_val_report_on_test_and_the_sensitivity_analysis(trained):
     best = max(choice.candidates.values(), key=lambda s: s["miou"])["miou"]
     assert choice.candidates[choice.chosen]["miou"] == best
     assert choice.plain.split == choice.best.split == "test"
-    assert f"scored on val ({choice.images_on_choice_split} images)" in chosen.summary and "on test" in chosen.summary
+    assert set(choice.reported) == set(choice.candidates) and all(a.split == "test" for a in choice.reported.values())
+    assert f"chosen on val ({choice.images_on_choice_split} images)" in chosen.summary and "also scored on test" in chosen.summary
 
     analysed = reevaluate.sensitivity(loaded, "val", "test", progress=False)
     client = MlflowClient(uri)

@@ -161,6 +161,8 @@ class Choice:
     best: Arm
     reasons: dict[str, str] = field(default_factory=dict)
     """Candidate name -> why it was tried (sensitivity)."""
+    reported: dict[str, Arm] = field(default_factory=dict)
+    """Candidate name -> its scores on `report_on`, timed alone."""
 
     @property
     def images_on_choice_split(self) -> int:
@@ -169,8 +171,9 @@ class Choice:
 
 def choose(loaded: LoadedRun, plans: dict[str, TTAPlan], choose_on: str, report_on: str, metric: str = "miou",
            progress: bool = True, reasons: dict[str, str] | None = None) -> Choice:
-    """Score `plans` on `choose_on`, take the best by `metric` (plain wins ties), and report
-    it against plain on `report_on`, each timed alone there."""
+    """Score `plans` on `choose_on` and take the best by `metric` (plain wins ties, then fewer
+    views); then score every plan on `report_on`, each timed alone there. Only the choice
+    split decides: the report split shows whether the choice holds."""
     from steel_seg.evaluation import evaluate_candidates
 
     names = loaded.data.class_names
@@ -178,12 +181,11 @@ def choose(loaded: LoadedRun, plans: dict[str, TTAPlan], choose_on: str, report_
     results = evaluate_candidates(loaded.model, _loader(loaded, choose_on), loaded.data.num_classes, plans, names,
                                   progress=progress, desc=f"candidates on {choose_on}")
     values = {name: metric_value(r.scores, metric, names) for name, r in results.items()}
-    ordered = sorted(values, key=lambda n: (-_sortable(values[n]), len(plans[n].views)))
-    chosen = ordered[0]
-    plain = arm(PLAIN, report_on, score(loaded, PLAIN, report_on, progress))
-    best = plain if plans[chosen].is_plain else arm(plans[chosen], report_on, score(loaded, plans[chosen], report_on, progress))
-    return Choice(metric, choose_on, report_on, {n: r.scores for n, r in results.items()}, chosen, plans[chosen], plain, best,
-                  dict(reasons or {}))
+    chosen = sorted(values, key=lambda n: (-_sortable(values[n]), len(plans[n].views)))[0]
+    reported = {name: arm(plan, report_on, score(loaded, plan, report_on, progress)) for name, plan in plans.items()}
+    plain = next(a for a in reported.values() if a.plan.is_plain)
+    return Choice(metric, choose_on, report_on, {n: r.scores for n, r in results.items()}, chosen, plans[chosen], plain,
+                  reported[chosen], dict(reasons or {}), reported)
 
 
 def _sortable(value: float) -> float:
@@ -214,11 +216,16 @@ def comparison_table(a: Arm, b: Arm, class_names: list[str], label_a: str = "pla
 
 
 def candidates_table(choice: Choice, class_names: list[str]) -> str:
-    lines = [f"| candidate ({choice.choose_on}) | mIoU | defect recall | {choice.metric} | why |", "|---|---|---|---|---|"]
+    """Every candidate on both splits; the choice was made on the first alone."""
+    c, r = choice.choose_on, choice.report_on
+    lines = [f"| candidate | {c} mIoU | {c} defect recall | {r} mIoU | {r} defect recall | {r} ms/image | why |",
+             "|---|---|---|---|---|---|---|"]
     for name, scores in choice.candidates.items():
-        mark = " (chosen)" if name == choice.chosen else ""
-        lines.append(f"| {name}{mark} | {_fmt(scores['miou'])} | {_fmt(defect_recall(scores))} | "
-                     f"{_fmt(metric_value(scores, choice.metric, class_names))} | {choice.reasons.get(name, '')} |")
+        mark = " **(chosen)**" if name == choice.chosen else ""
+        rep = choice.reported.get(name)
+        test = [_fmt(rep.scores["miou"]), _fmt(defect_recall(rep.scores)), f"{rep.ms_per_image:.1f}"] if rep else ["", "", ""]
+        lines.append(f"| {name}{mark} | {_fmt(scores['miou'])} | {_fmt(defect_recall(scores))} | " + " | ".join(test)
+                     + f" | {choice.reasons.get(name, '')} |")
     return "\n".join(lines)
 
 
@@ -252,25 +259,31 @@ def nested_tracker(loaded: LoadedRun, run_name: str, role: str, tags: dict[str, 
 
 
 def recommendation_text(choice: Choice, class_names: list[str]) -> str:
-    """What to use, with the gain on both splits and the cost, and what did not help."""
+    """What to use, with the gain on both splits and the cost, and each candidate that did not help."""
     metric = choice.metric
-    plain_value = metric_value(choice.candidates["none"], metric, class_names)
+
+    def value(scores):
+        return metric_value(scores, metric, class_names)
+
+    plain_choice, plain_report = value(choice.candidates["none"]), value(choice.plain.scores)
     lines = []
     for name, scores in choice.candidates.items():
         if name == "none":
             continue
-        gain = metric_value(scores, metric, class_names) - plain_value
-        verdict = "helps" if gain > 0 else "does not help"
-        lines.append(f"- {name}: {verdict} on {choice.choose_on} ({metric} {gain:+.4f} vs plain)")
+        gain = value(scores) - plain_choice
+        rep = choice.reported.get(name)
+        held = f", on {choice.report_on} {value(rep.scores) - plain_report:+.4f}" if rep else ""
+        cost = f", {rep.ms_per_image / choice.plain.ms_per_image:.2f}x the time" if rep and choice.plain.ms_per_image else ""
+        lines.append(f"- {name}: {'helps' if gain > 0 else 'does not help'} on {choice.choose_on} ({metric} {gain:+.4f} vs plain{held}{cost})")
     if choice.plan.is_plain:
         head = (f"Recommendation: no TTA. No candidate beat plain on {choice.choose_on} by {metric}; "
                 f"plain on {choice.report_on}: mIoU {choice.plain.scores['miou']:.4f}, {choice.plain.ms_per_image:.1f} ms/image.")
     else:
-        test_gain = metric_value(choice.best.scores, metric, class_names) - metric_value(choice.plain.scores, metric, class_names)
+        test_gain = value(choice.best.scores) - plain_report
         ratio = choice.best.ms_per_image / choice.plain.ms_per_image if choice.plain.ms_per_image else math.nan
         confirmed = "confirmed" if test_gain > 0 else "NOT confirmed"
         head = (f"Recommendation: TTA {choice.chosen}. Chosen on {choice.choose_on} ({metric} "
-                f"{metric_value(choice.candidates[choice.chosen], metric, class_names) - plain_value:+.4f}); on {choice.report_on} "
+                f"{value(choice.candidates[choice.chosen]) - plain_choice:+.4f}); on {choice.report_on} "
                 f"{metric} {test_gain:+.4f} ({confirmed}), mIoU {choice.plain.scores['miou']:.4f} -> {choice.best.scores['miou']:.4f}, "
                 f"defect recall {defect_recall(choice.plain.scores):.4f} -> {defect_recall(choice.best.scores):.4f}; "
                 f"cost {choice.plain.ms_per_image:.1f} -> {choice.best.ms_per_image:.1f} ms/image ({ratio:.2f}x).")
@@ -330,19 +343,24 @@ def _choice_record(tracker, loaded: LoadedRun, choice: Choice) -> tuple[str, str
                **arm_metrics(f"chosen_{choice.report_on}_", choice.best, names),
                **gain_metrics(f"chosen_{choice.report_on}_", choice.plain, choice.best)}
     for name, scores in choice.candidates.items():
-        metrics[f"{choice.choose_on}_miou.{_metric_key(name)}"] = scores["miou"]
-        metrics[f"{choice.choose_on}_defect_recall.{_metric_key(name)}"] = defect_recall(scores)
+        metrics[f"candidates/{_metric_key(name)}/{choice.choose_on}_miou"] = scores["miou"]
+        metrics[f"candidates/{_metric_key(name)}/{choice.choose_on}_defect_recall"] = defect_recall(scores)
+        if name in choice.reported:
+            rep = choice.reported[name]
+            metrics[f"candidates/{_metric_key(name)}/{choice.report_on}_miou"] = rep.scores["miou"]
+            metrics[f"candidates/{_metric_key(name)}/{choice.report_on}_defect_recall"] = defect_recall(rep.scores)
+            metrics[f"candidates/{_metric_key(name)}/{choice.report_on}_ms_per_image"] = rep.ms_per_image
     tracker.log_metrics(metrics)
     tracker.set_tags({**plan_tags(choice.plan), "chosen": choice.chosen, "choose_on": choice.choose_on,
                       "report_on": choice.report_on, "choose_by": choice.metric})
-    text = (f"## Candidates, scored on {choice.choose_on} ({choice.images_on_choice_split} images), chosen by {choice.metric}\n\n"
+    text = (f"## Candidates, chosen on {choice.choose_on} ({choice.images_on_choice_split} images) by {choice.metric}, "
+            f"each also scored on {choice.report_on} ({choice.plain.images} images)\n\n"
             f"{candidates}\n\n## Chosen vs plain, on {choice.report_on}\n\n{report}\n\n## Recommendation\n\n{recommendation}\n")
     tracker.log_text(text, "tta_choice.md")
     tracker.log_text(recommendation + "\n", "recommendation.txt")
     tracker.log_dict({"choose_on": choice.choose_on, "report_on": choice.report_on, "metric": choice.metric,
                       "chosen": choice.chosen, "plan": choice.plan.as_spec(), "candidates": choice.candidates,
-                      "report": {"plain": choice.plain.scores, "chosen": choice.best.scores,
-                                 "ms_per_image": {"plain": choice.plain.ms_per_image, "chosen": choice.best.ms_per_image}}},
+                      "report": {name: {"scores": a.scores, "ms_per_image": a.ms_per_image} for name, a in choice.reported.items()}},
                      "tta_choice.json")
     arms = [("plain", choice.plain.scores, choice.plain.ms_per_image)]
     if not choice.plan.is_plain:
@@ -352,8 +370,9 @@ def _choice_record(tracker, loaded: LoadedRun, choice: Choice) -> tuple[str, str
 
 
 def _metric_key(name: str) -> str:
-    """A candidate's name as an MLflow metric-name suffix (letters, digits, _-. and spaces only)."""
-    return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in name).strip()
+    """A candidate's name as an MLflow metric-name suffix: `hflip, blur:3 (mean)` -> `hflip+blur_3/mean`."""
+    key = name.replace(", ", "+").replace(" (", "/").replace(")", "").replace(":", "_").replace(" ", "_")
+    return "".join(ch if ch.isalnum() or ch in "_-./+" else "_" for ch in key).replace("+", "_and_")
 
 
 def choose_tta(loaded: LoadedRun, views: list[str], merges: list[str], weights, choose_on: str, report_on: str,
