@@ -9,7 +9,9 @@ best of the rounds:
 - plain: `evaluate()` over the loader (cache read, resize, normalise, forward, softmax, argmax,
   metrics), as a whole;
 - TTA: the same with the views (batched: one forward pass for all views of a batch);
-- forward: the model alone on the batches already in memory (to_tensor, forward, to NumPy).
+- forward: the model alone on the batches already in memory (to_tensor, forward, to NumPy);
+- merge_only: what TTA adds besides the forward passes (augment, stack, softmax, undo, merge),
+  with the model replaced by ready-made logits.
 Also shown: TTA with one forward pass per view (`tta_batched: false`), to see what batching
 buys here. On CPU a batch of 2N costs about 2x a batch of N, so batching is about even; on GPU
 it fills the device better (written, untested here: no GPU).
@@ -34,7 +36,7 @@ from steel_seg.config.schema import DataConfig  # noqa: E402
 from steel_seg.data.loader import BatchLoader  # noqa: E402
 from steel_seg.data.prepare import prepare_data  # noqa: E402
 from steel_seg.data.synthetic import generate_dataset  # noqa: E402
-from steel_seg.deploy.tta import resolve  # noqa: E402
+from steel_seg.deploy.tta import ViewRunner, resolve  # noqa: E402
 from steel_seg.evaluation import evaluate  # noqa: E402
 from steel_seg.models import build_model  # noqa: E402
 from steel_seg.transforms import eval_pipeline  # noqa: E402
@@ -77,10 +79,18 @@ def main() -> None:
                 for images in in_memory:
                     forward(images)
 
+        logits = {len(b) * k: np.zeros((len(b) * k, data.num_classes, *b.shape[2:]), np.float32) for b in in_memory for k in (1, views)}
+
+        def merge_only():
+            """Everything TTA does besides the forward passes: augment, stack, softmax, undo, merge."""
+            runner = ViewRunner(lambda batch: logits[len(batch)])
+            for images in in_memory:
+                runner.probs(images, plan)
+
         def run(tta=None, batched=True):
             return lambda: evaluate(model, loader, data.num_classes, tta=tta, progress=False, batched=batched)
 
-        contenders = {"plain": run(), "tta": run(plan), "tta_per_view": run(plan, batched=False), "forward": forward_only}
+        contenders = {"plain": run(), "tta": run(plan), "tta_per_view": run(plan, batched=False), "forward": forward_only, "merge_only": merge_only}
         forward_only()  # warm-up
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for round_ in range(args.rounds):
@@ -94,7 +104,7 @@ def main() -> None:
     extra, allowed = best["tta"] - best["plain"], 1.05 * (views - 1) * best["forward"]
     print(f"model {args.model} at {size[0]}x{size[1]}, batch {args.batch}, {n} images, TTA {plan.describe()} "
           f"({views} views), best of {args.rounds} interleaved rounds")
-    for name in ("plain", "tta", "tta_per_view", "forward"):
+    for name in ("plain", "tta", "tta_per_view", "forward", "merge_only"):
         print(f"  {name:<13} {best[name]:7.2f} s  {1000 * best[name] / n:7.1f} ms/image")
     print(f"TTA / plain: {best['tta'] / best['plain']:.2f}x (batched), {best['tta_per_view'] / best['plain']:.2f}x (one pass per view)")
     print(f"time(TTA) - time(plain) = {extra:.2f} s; (views - 1) x forward = {(views - 1) * best['forward']:.2f} s; "
