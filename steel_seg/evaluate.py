@@ -93,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_run(args) -> int:
     """A finished run re-scored with TTA, logged as a nested run under it."""
-    from steel_seg.deploy.tta import resolve, split_names
+    from steel_seg.deploy.tta import parse_view, resolve, split_names
     from steel_seg.metrics import format_scores
     from steel_seg.tta_analysis import reevaluate
 
     progress = not args.no_progress
     weights = _weights(args.weights)
+    for view in split_names(args.tta):  # name errors before the model and data are loaded
+        parse_view(view)
+    for merge in (args.merge or "mean").split(","):
+        if merge.strip() not in MERGE_NAMES:
+            raise ValueError(f"unknown TTA merge `{merge.strip()}`; known: {', '.join(MERGE_NAMES)}")
     if args.write_deploy:
         _check_export_folder(args.write_deploy, args.run_id)
     loaded = reevaluate.load_run(args.tracking_uri, args.run_id, args.overrides, progress)

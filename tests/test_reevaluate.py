@@ -107,3 +107,15 @@ def test_choose_on_val_report_on_test_and_the_sensitivity_analysis(trained):
     assert run.data.tags["recommended"] == analysed.details["choice"].chosen
     logged = client.download_artifacts(run.info.run_id, "recommendation.txt", str(tmp))
     assert Path(logged).read_text().strip() == recommendation
+
+
+def test_bad_view_or_merge_is_an_error_before_any_run_is_logged(trained):
+    tmp, result = trained
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    before = len(children(client, client.get_run(result.run_id)))
+    for bad, message in ((["--tta", "hflip,blr"], "Did you mean `blur`?"), (["--tta", "hflip", "--merge", "meen"], "unknown TTA merge `meen`")):
+        done = subprocess.run([sys.executable, "-m", "steel_seg.evaluate", "--run-id", result.run_id, "--tracking-uri", uri, *bad],
+                              capture_output=True, text=True, cwd=tmp)
+        assert done.returncode == 2 and message in done.stderr
+    assert len(children(client, client.get_run(result.run_id))) == before
