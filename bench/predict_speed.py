@@ -65,8 +65,12 @@ class DygraphEngine:
         load_weights(self.model, weights)
         self.model.eval()
 
+    calls = 0  # the bench checks the swapped-in model really ran inside the Predictor
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         from steel_seg.tta import main_logits
+
+        self.calls += 1
 
         with self._paddle.no_grad():
             return main_logits(self.model(self._paddle.to_tensor(np.ascontiguousarray(batch, np.float32)))).numpy()
@@ -152,6 +156,10 @@ def bench_architecture(name: str, args, images: list[np.ndarray], work: Path) ->
         p = Predictor(folder, backend=backend, tta=tta, batch_size=batch_size)
         if engine is not None:
             p.engine = engine  # same pre/post-processing, the training-time model in the middle
+            before = engine.calls
+            p.predict_arrays(images[:1])
+            if engine.calls == before:
+                raise SystemExit("the Predictor did not call the swapped-in dygraph engine: the bench would time the wrong model")
         return p
 
     singles = [[image] for image in images]

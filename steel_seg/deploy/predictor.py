@@ -90,7 +90,9 @@ class Predictor:
                 f"TTA view(s) {', '.join(resizing)} change the input size, but backend {self.backend} runs the program at its "
                 f"exported size {width}x{height} only; use backend paddle or onednn, or drop the view(s)"
             )
-        self.runner = tta_views.ViewRunner(self.engine.run, batched=bool(self.spec.tta.get("batched", True)))
+        # The engine is looked up per call, so a caller may swap `engine` (the speed bench puts the
+        # training-time model there to compare it on exactly this pre/post-processing).
+        self.runner = tta_views.ViewRunner(lambda batch: self.engine.run(batch), batched=bool(self.spec.tta.get("batched", True)))
         self.batch_size = max(1, batch_size)
         self.postprocess = postprocess
 
