@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from mlflow_server import running_server
+from pipeline_support import write_tiny_experiment
 from steel_seg.data.synthetic import generate_dataset
 from steel_seg.pipeline.executor import ExecutorError, outcome_text, run_pipeline
 from steel_seg.pipeline.plan import load_pipeline
@@ -51,15 +51,7 @@ def server(tmp_path_factory):
 
 
 def write_study(tmp_path: Path, kaggle_root: Path, uri: str) -> Path:
-    config = {
-        "name": "tiny",
-        "data": {"root": str(kaggle_root), "work_dir": str(tmp_path / "work"), "size": [64, 32], "fallback_to_demo": False},
-        "model": {"type": "FastSCNN"},
-        "train": {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 2, "output_dir": str(tmp_path / "outputs")},
-        "eval": {"num_overlays": 1},
-        "tracking": {"uri": uri, "experiment": "ray_study"},
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_experiment(tmp_path, kaggle_root, uri, "ray_study")
     corrupt = tmp_path / "corrupt.pdparams"
     corrupt.write_bytes(b"not a pickle" * 10)
     path = tmp_path / "pipeline.yaml"

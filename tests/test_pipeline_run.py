@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from pipeline_support import write_tiny_experiment
 
 from steel_seg.data.synthetic import generate_dataset
 from steel_seg.experiment import RecordingEvents
@@ -55,15 +55,7 @@ def kaggle_root(tmp_path_factory) -> Path:
 
 
 def write_study(tmp_path: Path, kaggle_root: Path, text: str = STUDY) -> Path:
-    config = {
-        "name": "tiny",
-        "data": {"root": str(kaggle_root), "work_dir": str(tmp_path / "work"), "size": [64, 32], "fallback_to_demo": False},
-        "model": {"type": "FastSCNN"},
-        "train": {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 2, "output_dir": str(tmp_path / "outputs")},
-        "eval": {"num_overlays": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "study"},
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_experiment(tmp_path, kaggle_root, f"sqlite:///{tmp_path / 'mlflow.db'}", "study")
     path = tmp_path / "pipeline.yaml"
     path.write_text(text)
     return path

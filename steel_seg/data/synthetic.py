@@ -26,8 +26,6 @@ CLASS_MIXES: dict[str, tuple[tuple[float, ...], float]] = {
     "severstal": ((0.125, 0.04, 0.72, 0.115), 0.06),
     "moderate": ((0.22, 0.19, 0.37, 0.22), 0.15),
 }
-PRIMARY_CLASS_WEIGHTS = np.array(CLASS_MIXES["severstal"][0])
-SECOND_CLASS_PROBABILITY = CLASS_MIXES["severstal"][1]
 
 # Sizes below are in pixels of a 256-pixel-high strip and scale with the image height.
 REFERENCE_HEIGHT = 256
